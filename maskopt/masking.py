@@ -1,0 +1,124 @@
+"""Applying masks to a live U-Net (`apply`) and folding them into a standalone variant (`bake`).
+
+Both go through `bucket_scales`: every unit's value becomes a factor on some output rows of some
+parameters, and the factors of all units touching one parameter multiply into one row-scale vector.
+`apply` and `bake` then compute `original * scale` with the same op, so a baked variant's weights are
+bit for bit the weights `apply` uses in that bucket.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .buckets import scalar_timestep
+from .errors import MaskoptError
+from .maskset import MaskSet
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_scales(unet: nn.Module, masks: MaskSet, bucket: int) -> dict[str, torch.Tensor]:
+    """{parameter name: row-scale vector (out,)} for every parameter some unit scales by a value != 1."""
+    params = dict(unet.named_parameters())
+    scales: dict[str, torch.Tensor] = {}
+    for unit, value in masks.row(bucket).items():
+        if value == 1.0:
+            continue
+        for pname, rows in unit.scales(unet):
+            p = params[pname]
+            s = scales.setdefault(pname, torch.ones(p.shape[0], dtype=torch.float64))
+            s[rows] *= value
+    return {n: s.to(params[n].dtype) for n, s in scales.items()}
+
+
+def scaled(original: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """original with output row i multiplied by scale[i] (rows are dim 0 for Linear, Conv2d and biases)."""
+    return original * scale.to(original.device).view(-1, *([1] * (original.dim() - 1)))
+
+
+class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
+    """Run `unet` with `masks`: each call uses the values of the bucket holding its timestep.
+
+    Weights are rewritten only when the bucket changes (K writes per sampled image, none per step
+    otherwise), no layer is computed twice, and on exit, also after an exception, every parameter is
+    restored bit for bit from the copy taken on entry.
+
+        with maskopt.apply(pipe.unet, masks) as state:
+            pipe(prompt)
+        state.loads   # how many times weights were rewritten
+    """
+
+    def __init__(self, unet: nn.Module, masks: MaskSet, check: bool = True) -> None:
+        if check:
+            masks.check(unet)
+        self.unet, self.masks = unet, masks
+        self.bucket: int | None = None  # bucket whose weights are loaded; None = original weights
+        self.loads = 0
+        self._scales = [bucket_scales(unet, masks, k) for k in range(len(masks.buckets))]
+        touched = sorted({n for s in self._scales for n in s})
+        self._params = {n: unet.get_parameter(n) for n in touched}
+        self._original: dict[str, torch.Tensor] = {}
+        self._hook = None
+
+    def __enter__(self) -> "apply":
+        if getattr(self.unet, "_maskopt_applied", False):
+            raise MaskoptError("masks are already applied to this U-Net; leave that `apply` block first")
+        self._original = {n: p.detach().clone() for n, p in self._params.items()}
+        self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self.unet._maskopt_applied = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hook.remove()
+        self.unet._maskopt_applied = False
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.copy_(self._original[n])
+        self._original, self.bucket = {}, None
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        self.load(self.masks.buckets.index(scalar_timestep(timestep)))
+
+    def load(self, bucket: int) -> None:
+        """Put bucket `bucket`'s weights in place (no-op if they already are)."""
+        if bucket == self.bucket:
+            return
+        scales = self._scales[bucket]
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.copy_(scaled(self._original[n], scales[n]) if n in scales else self._original[n])
+        self.bucket = bucket
+        self.loads += 1
+        logger.debug("loaded bucket %d weights (%d parameters scaled)", bucket, len(scales))
+
+
+def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check: bool = True) -> nn.Module:
+    """A standalone copy of `unet` with bucket `bucket`'s values folded into its weights.
+
+    Its output equals `apply`'s for timesteps in that bucket. With `drop=True`, what the values remove
+    is not computed at all (see drop.py): the variant is cheaper, equal within float tolerance, and
+    meant for inference and export (its state dict lacks the dropped layers).
+    """
+    if check:
+        masks.check(unet)
+    if not 0 <= bucket < len(masks.buckets):
+        raise IndexError(f"bucket {bucket} out of range: the mask set has {len(masks.buckets)} buckets")
+    if getattr(unet, "_maskopt_applied", False):
+        # inside `apply` the weights are some bucket's, not the originals: baking them would scale twice
+        raise MaskoptError("cannot bake a U-Net while masks are applied to it; bake outside the `apply` block")
+    variant = copy.deepcopy(unet)
+    with torch.no_grad():
+        for n, s in bucket_scales(variant, masks, bucket).items():
+            p = variant.get_parameter(n)
+            p.copy_(scaled(p, s))
+    if drop:
+        from .drop import drop_removed
+
+        drop_removed(variant, masks, bucket)
+    return variant.eval()

@@ -1,0 +1,201 @@
+"""The mask file: the one contract between search and export.
+
+A MaskSet holds one row of values per timestep bucket and one value per unit (1 keeps, 0 removes,
+values in between or up to 2 scale), plus what it was made for (the U-Net's source and fingerprint)
+and what made it (provenance). On disk it is JSON, `"format": "maskopt.masks/1"`, documented in
+docs/mask-format.md; `MaskSet.load(path, unet=unet)` refuses a file that does not fit the U-Net.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from torch import nn
+
+from . import __version__
+from .buckets import Buckets
+from .errors import MaskoptError
+from .units import Unit
+
+FORMAT = "maskopt.masks/1"
+MAX_VALUE = 2.0
+
+
+def fingerprint(unet: nn.Module) -> str:
+    """sha256 of the sorted `name:shape` lines of the state dict: same architecture, same fingerprint."""
+    lines = sorted(f"{n}:{'x'.join(map(str, t.shape))}" for n, t in unet.state_dict().items())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def unet_source(unet: nn.Module) -> str:
+    """Where the U-Net came from, as diffusers recorded it (hub id or local path), else its class name."""
+    config = getattr(unet, "config", None)
+    return str(getattr(config, "_name_or_path", "") or type(unet).__name__) if config is not None else type(unet).__name__
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSet:
+    units: tuple[Unit, ...]
+    buckets: Buckets
+    values: np.ndarray  # (len(buckets), len(units)) float64
+    source: str = ""
+    fingerprint: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", tuple(self.units))
+        rows = list(self.values) if not isinstance(self.values, np.ndarray) else self.values
+        if len(rows) != len(self.buckets):
+            raise MaskoptError(f"values has {len(rows)} rows but there are {len(self.buckets)} buckets")
+        for k, row in enumerate(rows):
+            if len(row) != len(self.units):
+                raise MaskoptError(f"values row {k} has {len(row)} numbers but there are {len(self.units)} units")
+        values = np.asarray(rows, dtype=np.float64).reshape(len(self.buckets), len(self.units))
+        bad = ~np.isfinite(values) | (values < 0) | (values > MAX_VALUE)
+        if bad.any():
+            k, j = map(int, np.argwhere(bad)[0])
+            raise MaskoptError(f"value {values[k, j]} for unit {self.units[j].key!r} in bucket {k} is outside [0, {MAX_VALUE}]")
+        values.setflags(write=False)
+        object.__setattr__(self, "values", values)
+        keys = [u.key for u in self.units]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise MaskoptError(f"unit {dup!r} is listed twice")
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def ones(
+        cls, unet: nn.Module, units: Sequence[Unit], buckets: Buckets | int = 1, source: str | None = None
+    ) -> "MaskSet":
+        """The identity mask set: every unit kept in every bucket (`buckets=K`: K uniform buckets of 1000)."""
+        if isinstance(buckets, int):
+            buckets = Buckets.uniform(buckets)
+        for u in units:
+            u.scales(unet)  # fail now, naming the unit, rather than at apply time
+        return cls(
+            units=tuple(units),
+            buckets=buckets,
+            values=np.ones((len(buckets), len(units))),
+            source=source if source is not None else unet_source(unet),
+            fingerprint=fingerprint(unet),
+        )
+
+    def with_values(self, values: Any, **provenance: Any) -> "MaskSet":
+        return replace(self, values=np.asarray(values, dtype=np.float64), provenance={**self.provenance, **provenance})
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    def row(self, bucket: int) -> dict[Unit, float]:
+        return dict(zip(self.units, map(float, self.values[bucket])))
+
+    def removed(self, bucket: int) -> list[Unit]:
+        return [u for u, v in self.row(bucket).items() if v == 0.0]
+
+    def check(self, unet: nn.Module) -> None:
+        """Refuse a U-Net this mask set was not made for (one-line MaskoptError)."""
+        fp = fingerprint(unet)
+        if self.fingerprint and fp != self.fingerprint:
+            raise MaskoptError(
+                f"mask file was made for U-Net {self.source or '?'} (fingerprint {self.fingerprint[:12]}), "
+                f"not for this one (fingerprint {fp[:12]})"
+            )
+        for u in self.units:
+            u.scales(unet)
+
+    def check_scheduler(self, scheduler: Any) -> None:
+        """Refuse a scheduler whose training timesteps differ from the buckets' (the buckets would not cover it)."""
+        n = int(scheduler.config.num_train_timesteps)
+        if n != self.buckets.num_train_timesteps:
+            raise MaskoptError(
+                f"mask buckets cover {self.buckets.num_train_timesteps} training timesteps, the scheduler has {n}"
+            )
+
+    # -- file ---------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "num_train_timesteps": self.buckets.num_train_timesteps,
+            "buckets": self.buckets.to_list(),
+            "units": [u.to_dict() for u in self.units],
+            "values": [[_tidy(v) for v in row] for row in self.values],
+            "provenance": {"maskopt": __version__, "created": _now(), **self.provenance},
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the file atomically (temp file + rename), so a crash never leaves half a mask file."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=1)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "mask file") -> "MaskSet":
+        if not isinstance(d, dict):
+            raise MaskoptError(f"{where}: not a maskopt mask file (a JSON object is expected)")
+        if d.get("format") != FORMAT:
+            raise MaskoptError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
+        for key in ("num_train_timesteps", "buckets", "units", "values"):
+            if key not in d:
+                raise MaskoptError(f"{where}: missing {key!r}")
+        try:
+            units = tuple(Unit.from_dict(u) for u in d["units"])
+            buckets = Buckets(tuple(tuple(r) for r in d["buckets"]), int(d["num_train_timesteps"]))
+            return cls(
+                units=units,
+                buckets=buckets,
+                values=d["values"],
+                source=str(d.get("source", "")),
+                fingerprint=str(d.get("fingerprint", "")),
+                provenance=dict(d.get("provenance", {})),
+            )
+        except MaskoptError as e:
+            raise MaskoptError(f"{where}: {e}") from None
+        except (TypeError, KeyError, ValueError) as e:
+            raise MaskoptError(f"{where}: malformed ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, unet: nn.Module | None = None) -> "MaskSet":
+        """Read and validate a mask file; with `unet`, also check that it was made for that U-Net."""
+        path = Path(path)
+        if not path.is_file():
+            raise MaskoptError(f"mask file {path} does not exist")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MaskoptError(f"mask file {path} is not valid JSON ({e})") from None
+        masks = cls.from_dict(d, where=f"mask file {path}")
+        if unet is not None:
+            try:
+                masks.check(unet)
+            except MaskoptError as e:
+                raise MaskoptError(f"mask file {path}: {e}") from None
+        return masks
+
+
+def _tidy(v: float) -> float | int:
+    # 1 and 0 stay short; other floats keep every digit (JSON's repr round-trips exactly).
+    v = float(v)
+    return int(v) if v.is_integer() else v
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

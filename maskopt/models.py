@@ -1,0 +1,118 @@
+"""Loading pipelines and U-Nets the way users name them: a hub id, a local folder, or nothing (the embedded default).
+
+    pipe = load_pipeline("runwayml/stable-diffusion-v1-5", device="cuda", dtype=torch.float16)
+    pipe = load_pipeline("./my-sd-folder", scheduler="dpm++")
+    unet = load_unet(None)                       # the digits pipeline that ships with maskopt
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MaskoptError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# name -> diffusers scheduler class name (+ config overrides). Kept as data: diffusers owns the samplers.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def default_model() -> str:
+    """Path of the embedded default pipeline (digits), shipped inside the package."""
+    from .default import PIPELINE_DIR
+
+    return str(PIPELINE_DIR)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MaskoptError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_source(model: str) -> None:
+    """A name that looks like a path must exist: otherwise diffusers would try the hub and fail obscurely."""
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") > 1
+    if looks_local and not Path(model).expanduser().exists():
+        raise MaskoptError(f"model {model!r} is not a folder that exists (nor a hub id)")
+
+
+def _load_error(what: str, model: str, e: Exception) -> MaskoptError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return MaskoptError(f"could not load {what} from {model!r}: {first}")
+
+
+def load_pipeline(
+    model: str | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    scheduler: str | None = None,
+) -> Any:
+    """A diffusers pipeline (SD1.5, SD2.1, SDXL, ...) from a hub id or local folder, on `device`."""
+    from diffusers import DiffusionPipeline
+
+    model = model or default_model()
+    _check_source(model)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(Path(model).expanduser()) if Path(model).expanduser().exists() else model,
+                                                 torch_dtype=torch_dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise _load_error("pipeline", model, e) from None
+    if not hasattr(pipe, "unet"):
+        raise MaskoptError(f"pipeline {model!r} ({type(pipe).__name__}) has no U-Net to mask")
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded %s from %s (%s, %s)", type(pipe).__name__, model, device, torch_dtype)
+    return pipe.to(device)
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap the pipeline's sampler for a named one built from the same config (same training schedule)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise MaskoptError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+    cls_name, overrides = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def load_unet(model: str | None = None, dtype: str | torch.dtype = "float32") -> Any:
+    """Only the U-Net: from a pipeline folder/hub id (its `unet` subfolder) or a U-Net folder itself."""
+    from diffusers import UNet2DConditionModel
+
+    model = model or default_model()
+    _check_source(model)
+    path = Path(model).expanduser()
+    is_unet_folder = path.is_dir() and (path / "config.json").is_file() and not (path / "model_index.json").is_file()
+    if is_unet_folder:
+        name = json.loads((path / "config.json").read_text()).get("_class_name")
+        if name != "UNet2DConditionModel":
+            raise MaskoptError(f"{model!r} holds a {name}, not a UNet2DConditionModel")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            str(path) if path.exists() else model,
+            subfolder=None if is_unet_folder else "unet",
+            torch_dtype=resolve_dtype(dtype),
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise _load_error("U-Net", model, e) from None
+    return unet.eval()

@@ -1,0 +1,29 @@
+from click.testing import CliRunner
+
+from maskopt.cli import main
+from tiny import SD15, tiny_unet
+
+
+def test_inspect_saved_unet_folder(tmp_path, unet):
+    unet.save_pretrained(tmp_path / "unet")
+    r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "unet")])
+    assert r.exit_code == 0, r.output
+    assert "paper: 16 units" in r.output and "resnets: 8 units" in r.output
+    assert "up_blocks.1" in r.output
+
+
+def test_inspect_pipeline_layout_and_targets(tmp_path, unet):
+    unet.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "pipe"), "--targets", "up_blocks.1.attentions.0.*.to_q", "--groups", "2", "--list"])
+    assert r.exit_code == 0, r.output
+    assert "4 units" in r.output and "#1/2" in r.output
+
+
+def test_inspect_bad_inputs(tmp_path, unet):
+    r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "missing")])
+    assert r.exit_code != 0 and "is not a folder that exists" in r.output
+    unet.save_pretrained(tmp_path / "unet")
+    r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "unet"), "--targets", "nope.*"])
+    assert r.exit_code != 0 and "'nope.*' matches no unit" in r.output
+    assert len(r.output.strip().splitlines()) <= 2  # header + one-line error, no traceback
