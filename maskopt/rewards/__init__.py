@@ -1,0 +1,118 @@
+"""Rewards: score a batch of generated images against their prompts, higher is better.
+
+    from maskopt.rewards import load_reward
+    reward = load_reward("clip")                            # openai/clip-vit-large-patch14
+    reward = load_reward("hpsv2@/models/HPS_v2.1_compressed.pt", device="cuda", dtype=torch.float16)
+    reward = load_reward("imagereward=1,hpsv2=5")           # weighted sum; reward.last_terms per term
+    reward = load_reward("python:my_rewards:brightness")    # any function(images, prompts) -> scores
+    scores = reward(images, prompts)  # images (B, 3, H, W) in [0, 1]; scores (B,) float32 on CPU
+
+Spec grammar:
+    spec     := term | weighted
+    weighted := term "=" weight ("," term "=" weight)*      e.g. "clip=1,aesthetic@/m/mlp.pth=0.5"
+    term     := name | name "@" source | "python:" module ":" function
+    source   := a hub id ("org/name", for single files "org/name/file.pt") or a local path
+A source may not contain "," or "=". Each reward's default source and formula are in its module.
+
+A reward is any object with ``name``, ``batch_size`` and ``__call__(images, prompts)`` (see
+``base.Reward``). ``REWARDS`` maps each name to a loader ``(source | None, device, dtype) -> reward``;
+heavy imports (transformers, image-reward) happen inside the loaders, so importing this is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from typing import Callable
+
+import torch
+
+from ..errors import MaskoptError
+from .base import Reward
+from .python import PREFIX as PYTHON_PREFIX
+from .python import load as load_python
+from .weighted import WeightedSum
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[str | None, str, torch.dtype], Reward]
+
+
+def _lazy(module: str, attr: str) -> Loader:
+    def loader(source: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Reward:
+        return getattr(importlib.import_module(module), attr)(source, device, dtype)
+
+    loader.__qualname__ = loader.__name__ = f"{module}.{attr}"
+    return loader
+
+
+REWARDS: dict[str, Loader] = {
+    "aesthetic": _lazy("maskopt.rewards.aesthetic", "load"),
+    "clip": _lazy("maskopt.rewards.clip", "load"),
+    "digits": _lazy("maskopt.default.reward", "DigitReward"),  # the embedded default's digit classifier
+    "hpsv2": _lazy("maskopt.rewards.hpsv2", "load"),
+    "imagereward": _lazy("maskopt.rewards.imagereward", "load"),
+    "pickscore": _lazy("maskopt.rewards.pickscore", "load"),
+}
+
+
+def valid_names() -> str:
+    return ", ".join(sorted(REWARDS) + [f"{PYTHON_PREFIX}module:function"])
+
+
+def _parse_term(term: str) -> tuple[str, str | None]:
+    """(name, source) of one term; python terms come back whole as the name. Loads nothing."""
+    if term.startswith(PYTHON_PREFIX):
+        return term, None
+    name, at, source = (part.strip() for part in term.partition("@"))
+    if name not in REWARDS:
+        raise MaskoptError(f"unknown reward '{name}'; valid: {valid_names()}")
+    if at and not source:
+        raise MaskoptError(f"reward '{term}' has nothing after '@': give a hub id or a local path, or drop the '@'")
+    return name, source or None
+
+
+def _parse_weighted(spec: str) -> list[tuple[str, float]]:
+    terms = []
+    for part in spec.split(","):
+        if not part.strip():
+            raise MaskoptError(f"empty term in reward '{spec}'; write it as name=weight,name=weight")
+        term, eq, weight = (p.strip() for p in part.rpartition("="))
+        if not eq or not term:
+            raise MaskoptError(f"reward term '{part.strip()}' needs a name and a weight, e.g. 'clip=1,aesthetic=0.5'")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = math.nan
+        if not math.isfinite(w):
+            raise MaskoptError(f"bad weight '{weight}' in reward term '{part.strip()}': give a finite number")
+        terms.append((term, w))
+    specs = [t for t, _ in terms]
+    if len(set(specs)) != len(specs):
+        raise MaskoptError(f"reward '{spec}' names a term twice; merge the weights instead")
+    return terms
+
+
+def _load_term(term: str, device: str, dtype: torch.dtype) -> Reward:
+    name, source = _parse_term(term)
+    if name.startswith(PYTHON_PREFIX):
+        return load_python(term)
+    logger.info("loading reward %s from %s on %s (%s)", name, source or "its default source", device, dtype)
+    return REWARDS[name](source, device, dtype)
+
+
+def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Reward:
+    """The reward a spec names (grammar above); MaskoptError (a ValueError) naming the bad part."""
+    spec = spec.strip()
+    if not spec:
+        raise MaskoptError(f"empty reward spec; valid: {valid_names()}")
+    if "," not in spec and "=" not in spec:
+        return _load_term(spec, device, dtype)
+    terms = _parse_weighted(spec)
+    for term, _ in terms:  # check every name before loading any model: a typo should fail in a second
+        _parse_term(term)
+    return WeightedSum([(term, w, _load_term(term, device, dtype)) for term, w in terms], name=spec)
+
+
+__all__ = ["REWARDS", "Reward", "WeightedSum", "load_reward", "valid_names"]

@@ -1,0 +1,15 @@
+"""Plain reward functions for the python:module:function tests (tests/ is on sys.path via conftest)."""
+
+import torch
+
+
+def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return images.mean(dim=(1, 2, 3))
+
+
+def prompt_length(images: torch.Tensor, prompts: list[str]) -> list[float]:
+    return [float(len(p)) for p in prompts]
+
+
+def one_score(images: torch.Tensor, prompts: list[str]) -> list[float]:
+    return [1.0]
