@@ -69,5 +69,155 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
                     click.echo(f"    {u.key}  [{u.kind}]")
 
 
+@main.command()
+@click.option("--prompts", "prompts", default=None, help="Prompt file, one per line; default: the embedded default's.")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--reward", default=None, help="Reward spec: clip, pickscore, hpsv2, aesthetic, imagereward, digits, "
+              "name@source, python:module:function, or a weighted sum 'imagereward=1,hpsv2=5'.")
+@click.option("--targets", multiple=True, help="Preset (paper, attention, resnets, branches) or glob; repeatable.")
+@click.option("--space", type=click.Choice(["binary", "gates", "groups"]), default=None)
+@click.option("--groups", type=int, default=None, help="Channel groups per layer (groups space; default 4).")
+@click.option("--gate-range", default=None, help="Bounds of the gates space, LO:HI (default 0:1.5).")
+@click.option("--buckets", type=int, default=None, help="Number of timestep buckets K.")
+@click.option("--budget", type=int, default=None, help="Evaluations, the baseline included.")
+@click.option("--optimizer", default=None, help="nevergrad optimizer name (default per space).")
+@click.option("--workers", type=int, default=None, help="Candidates asked at once.")
+@click.option("--seeds", type=int, default=None, help="Seeds per prompt (the same for every candidate).")
+@click.option("--steps", type=int, default=None)
+@click.option("--guidance", type=float, default=None)
+@click.option("--size", default=None, help="Image size HxW (default: the pipeline's).")
+@click.option("--scheduler", default=None, help="Sampler name (ddim, dpm++, euler, ...); default: the pipeline's.")
+@click.option("--holdout-prompts", default=None, help="Held-out prompt file for validation.")
+@click.option("--holdout-seeds", type=int, default=None)
+@click.option("--sparsity", type=float, default=None, help="Objective bonus (>0) or penalty (<0) per removed unit.")
+@click.option("--batch-size", type=int, default=None, help="Images per pipeline call (default: all at once).")
+@click.option("--cache", type=int, default=None, help="Trajectory cache entries; 0 turns reuse off.")
+@click.option("--seed", type=int, default=None, help="Optimizer seed.")
+@click.option("--out", default=None, help="Output folder (default runs/search).")
+@click.option("--recipe", type=click.Path(), default=None, help="YAML file of settings; flags override it.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the search journaled in --out.")
+@click.option("--device", default=None, help="cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+def search(recipe: str | None, **flags) -> None:
+    """Search per-bucket mask values against a reward, without gradients."""
+    from tqdm import tqdm
+
+    from .config import resolve
+    from .search import run_search
+
+    cfg = resolve(recipe, **flags)
+    bar = None  # made at the first evaluation, so input errors print alone
+    best = {"r": float("-inf")}
+
+    def progress(entry: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=cfg.budget, initial=entry["i"], desc="search", unit="eval", dynamic_ncols=True)
+        if not entry["failed"]:
+            best["r"] = max(best["r"], entry["reward"])
+        bar.update(1)
+        bar.set_postfix(best=f"{best['r']:.4f}", cache_hits=entry["cache_hits"], refresh=False)
+
+    try:
+        result = run_search(cfg, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    h = result.holdout
+    gain = f"held-out gain {h.diff:+.4f} (95% CI {h.ci_low:+.4f} to {h.ci_high:+.4f})" if h.ci_low > 0 else \
+        f"no held-out gain ({h.diff:+.4f}, 95% CI {h.ci_low:+.4f} to {h.ci_high:+.4f})"
+    click.echo(f"masks: {result.masks_path} ({result.evaluations} evaluations); {gain}; report: {result.out / 'report.md'}")
+
+
+def _hxw(text: str | None) -> tuple[int, int] | None:
+    """`--size 512x768` -> (512, 768) as (height, width); `512` -> (512, 512)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise MaskoptError(f"--size {text!r}: expected HxW in pixels, e.g. 512x512")
+    return (int(parts[0]), int(parts[-1]))
+
+
+@main.command()
+@click.option("--masks", "masks_path", required=True, type=click.Path(), help="Mask file (maskopt.masks/1).")
+@click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the mask file's source, else"))
+@click.option("--out", required=True, type=click.Path(), help="Output folder (refused if it exists and is not empty).")
+@click.option("--onnx", "onnx_", is_flag=True, help="Keep ONNX variants (the default when --trt is not given).")
+@click.option("--trt", is_flag=True, help="Build one TensorRT engine per variant (needs TensorRT).")
+@click.option("--fp16", is_flag=True, help="float16 weights and compute (inputs and outputs stay float32).")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--batch", default="1:1:4", show_default=True, help="Images per call MIN:OPT:MAX (CFG doubles it).")
+@click.option("--size", default=None, help="Image side MIN:OPT:MAX in pixels; default: half, one, two x native.")
+@click.option("--no-cfg", is_flag=True, help="Profiles for guidance 1 (no CFG doubling of the batch).")
+@click.option("--drop", is_flag=True, help="Skip what the masks remove (smaller, faster variants).")
+@click.option("--refit", is_flag=True, help="One refittable engine + one weight set per bucket (with --trt).")
+@click.option("--triton", is_flag=True, help="Also write a Triton model repository (triton/).")
+@click.option("--workspace", type=float, default=None, help="TensorRT builder workspace in GB.")
+@click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file, shared by builds.")
+@click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level 0..5.")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool, fp16: bool, opset: int, batch: str,
+           size: str | None, no_cfg: bool, drop: bool, refit: bool, triton: bool, workspace: float | None,
+           timing_cache: str | None, opt_level: int, force: bool) -> None:
+    """Bake each bucket into a U-Net variant: verified ONNX, TensorRT engines, Triton models, manifest.json."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .export import ExportConfig, Range, check_options
+    from .export import export as run_export
+
+    cfg = ExportConfig(
+        masks=Path(masks_path), out=Path(out), model=model, onnx=onnx_ or not trt, trt=trt, fp16=fp16, opset=opset,
+        batch=Range.parse(batch, "--batch"), size=Range.parse(size, "--size") if size else None, cfg=not no_cfg,
+        drop=drop, refit=refit, triton=triton, workspace_gb=workspace,
+        timing_cache=Path(timing_cache) if timing_cache else None, optimization_level=opt_level, force=force,
+    )
+    check_options(cfg)  # refuse bad options before the progress bar appears
+    with tqdm(desc="export", unit="variant", dynamic_ncols=True) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        manifest = run_export(cfg, progress=progress)
+    kinds = [k for k, on in (("onnx", cfg.onnx), ("plan", trt)) if on]
+    worst = max(v.verify["onnx"].max_abs for v in manifest.variants)
+    click.echo(f"{len(manifest.variants)} variants ({'+'.join(kinds)}, {manifest.precision}) in {out}; "
+               f"max abs error {worst:.2g}; manifest: {Path(out) / 'manifest.json'}"
+               + (f"; Triton repository: {Path(out) / 'triton'}" if triton else ""))
+
+
+@main.command()
+@click.option("--prompt", required=True)
+@click.option("--masks", "masks_path", type=click.Path(), default=None, help="Mask file (torch backend).")
+@click.option("--export", "export_dir", type=click.Path(), default=None, help="Folder made by maskopt export.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,
+              help="Default: torch with --masks, onnxruntime with --export.")
+@click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the export's or mask file's, else"))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--size", default=None, help="Image size HxW in pixels (default: the pipeline's).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda for tensorrt, else cpu).")
+@click.option("--out", required=True, type=click.Path(), help="Image file to write (.png).")
+def generate(prompt: str, masks_path: str | None, export_dir: str | None, backend: str | None, model: str | None,
+             seed: int, steps: int, guidance: float, size: str | None, device: str | None, out: str) -> None:
+    """Generate one image with the masked U-Net: PyTorch, or the exported variants switched by timestep."""
+    from pathlib import Path
+
+    from .generate import GenerateConfig, resolve_backend
+    from .generate import generate as run_generate
+
+    cfg = GenerateConfig(
+        prompt=prompt, out=Path(out), masks=Path(masks_path) if masks_path else None,
+        export_dir=Path(export_dir) if export_dir else None, backend=backend, model=model, seed=seed, steps=steps,
+        guidance=guidance, size=_hxw(size), device=device,
+    )
+    path = run_generate(cfg)
+    click.echo(f"wrote {path} ({resolve_backend(cfg)} backend, seed {seed}, {steps} steps)")
+
+
 if __name__ == "__main__":
     main()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,24 @@ def _check_source(model: str) -> None:
         raise MaskoptError(f"model {model!r} is not a folder that exists (nor a hub id)")
 
 
+@contextmanager
+def _quiet_loading():
+    """diffusers/transformers loading bars and their torch_dtype deprecation notice are noise in a CLI."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        transformers.utils.logging.set_verbosity(level)
+
+
 def _load_error(what: str, model: str, e: Exception) -> MaskoptError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return MaskoptError(f"could not load {what} from {model!r}: {first}")
@@ -71,9 +91,10 @@ def load_pipeline(
     model = model or default_model()
     _check_source(model)
     torch_dtype = resolve_dtype(dtype)
+    local = Path(model).expanduser()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(Path(model).expanduser()) if Path(model).expanduser().exists() else model,
-                                                 torch_dtype=torch_dtype)
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model, torch_dtype=torch_dtype)
     except (OSError, ValueError, EnvironmentError) as e:
         raise _load_error("pipeline", model, e) from None
     if not hasattr(pipe, "unet"):
@@ -108,11 +129,12 @@ def load_unet(model: str | None = None, dtype: str | torch.dtype = "float32") ->
         if name != "UNet2DConditionModel":
             raise MaskoptError(f"{model!r} holds a {name}, not a UNet2DConditionModel")
     try:
-        unet = UNet2DConditionModel.from_pretrained(
-            str(path) if path.exists() else model,
-            subfolder=None if is_unet_folder else "unet",
-            torch_dtype=resolve_dtype(dtype),
-        )
+        with _quiet_loading():
+            unet = UNet2DConditionModel.from_pretrained(
+                str(path) if path.exists() else model,
+                subfolder=None if is_unet_folder else "unet",
+                torch_dtype=resolve_dtype(dtype),
+            )
     except (OSError, ValueError, EnvironmentError) as e:
         raise _load_error("U-Net", model, e) from None
     return unet.eval()

@@ -13,3 +13,13 @@ def prompt_length(images: torch.Tensor, prompts: list[str]) -> list[float]:
 
 def one_score(images: torch.Tensor, prompts: list[str]) -> list[float]:
     return [1.0]
+
+
+_calls = {"n": 0}
+
+
+def flaky(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Brightness, but NaN on every second call: the search must score those candidates as failed."""
+    _calls["n"] += 1
+    scores = images.mean(dim=(1, 2, 3))
+    return scores * float("nan") if _calls["n"] % 2 == 0 else scores

@@ -102,17 +102,24 @@ def _load_term(term: str, device: str, dtype: torch.dtype) -> Reward:
     return REWARDS[name](source, device, dtype)
 
 
-def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Reward:
-    """The reward a spec names (grammar above); MaskoptError (a ValueError) naming the bad part."""
+def check_spec(spec: str) -> list[tuple[str, float]]:
+    """(term, weight) pairs of a spec, every name checked, nothing loaded: a typo fails in a second."""
     spec = spec.strip()
     if not spec:
         raise MaskoptError(f"empty reward spec; valid: {valid_names()}")
+    terms = [(spec, 1.0)] if "," not in spec and "=" not in spec else _parse_weighted(spec)
+    for term, _ in terms:
+        _parse_term(term)
+    return terms
+
+
+def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Reward:
+    """The reward a spec names (grammar above); MaskoptError (a ValueError) naming the bad part."""
+    spec = spec.strip()
+    terms = check_spec(spec)
     if "," not in spec and "=" not in spec:
         return _load_term(spec, device, dtype)
-    terms = _parse_weighted(spec)
-    for term, _ in terms:  # check every name before loading any model: a typo should fail in a second
-        _parse_term(term)
     return WeightedSum([(term, w, _load_term(term, device, dtype)) for term, w in terms], name=spec)
 
 
-__all__ = ["REWARDS", "Reward", "WeightedSum", "load_reward", "valid_names"]
+__all__ = ["REWARDS", "Reward", "WeightedSum", "check_spec", "load_reward", "valid_names"]

@@ -1,0 +1,120 @@
+"""Search settings as one plain dataclass; recipes are small YAML files of overrides.
+
+Precedence: dataclass defaults < recipe (`--recipe FILE.yaml`) < command-line flags. The resolved
+config is saved at the head of the journal and in the mask file's provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import MaskoptError
+
+
+@dataclass
+class SearchConfig:
+    prompts: str | None = None  # prompt file; default: the embedded default's prompts
+    model: str | None = None  # hub id or folder; None: the embedded default (digits)
+    reward: str | None = None  # reward spec; None: "digits" for the embedded default, "clip" otherwise
+    targets: list[str] = field(default_factory=lambda: ["paper"])  # presets or module-name globs
+    space: str = "gates"  # binary | gates | groups
+    groups: int | None = None  # channel groups per layer (default 4 for the groups space)
+    gate_range: tuple[float, float] = (0.0, 1.5)  # gates space bounds
+    buckets: int = 4  # K timestep buckets
+    budget: int = 100  # evaluations, the all-ones baseline included
+    optimizer: str | None = None  # nevergrad registry name; None: the default for the space
+    workers: int = 1  # candidates asked at once
+    seeds: int = 2  # sampling seeds 0..S-1 per prompt, the same for every candidate
+    steps: int = 15
+    guidance: float = 7.5
+    size: tuple[int, int] | None = None  # (H, W) in pixels; None: the pipeline's default
+    scheduler: str | None = None  # None: the pipeline's own
+    holdout_prompts: str | None = None  # held-out prompt file; None: the search prompts (unseen seeds only)
+    holdout_seeds: int = 4  # unseen seeds for validation: 1000 .. 1000+N-1
+    sparsity: float = 0.0  # objective bonus (>0) or penalty (<0) per unit removed (per bucket, / K)
+    batch_size: int | None = None  # images per pipeline call; None: one batch per evaluation
+    cache: int = 256  # trajectory cache entries (U-Net outputs); 0 turns reuse off
+    seed: int = 0  # optimizer seed
+    out: str = "runs/search"
+    resume: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    # Settings that do not change what a search computes: free to differ on --resume.
+    RUNTIME = ("out", "resume", "budget", "workers", "device", "cache", "batch_size")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def validate(self) -> None:
+        if self.buckets < 1:
+            raise MaskoptError(f"--buckets must be at least 1, got {self.buckets}")
+        if self.buckets > self.steps:
+            raise MaskoptError(f"--buckets {self.buckets} is larger than the number of sampling steps ({self.steps})")
+        if self.budget < 1 or self.seeds < 1 or self.workers < 1 or self.holdout_seeds < 1:
+            raise MaskoptError("--budget, --seeds, --workers and --holdout-seeds must be at least 1")
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(x) for x in str(text).lower().split("x"))
+    except ValueError:
+        raise MaskoptError(f"size {text!r} is not HxW, e.g. 512x512") from None
+    return h, w
+
+
+def parse_range(text: str | tuple | list) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in (text.split(":") if isinstance(text, str) else text))
+    except (ValueError, TypeError):
+        raise MaskoptError(f"gate range {text!r} is not LO:HI, e.g. 0:1.5") from None
+    return lo, hi
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "size":
+        return parse_size(value) if not isinstance(value, (list, tuple)) else tuple(value)
+    if name == "gate_range":
+        return parse_range(value)
+    if name == "targets" and isinstance(value, str):
+        return [value]
+    return value
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe's overrides, checked against SearchConfig's fields (unknown keys name the valid ones)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskoptError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MaskoptError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise MaskoptError(f"recipe {path} must be a mapping of setting: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    valid = {f.name for f in fields(SearchConfig)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise MaskoptError(f"recipe {path}: unknown setting {unknown[0]!r}; valid: {', '.join(sorted(valid))}")
+    return data
+
+
+def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
+    """SearchConfig from defaults, then the recipe, then the flags that were given (not None)."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    cfg = SearchConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    cfg.validate()
+    return cfg

@@ -1,0 +1,57 @@
+"""The search space: nevergrad parametrizations built from the mask contract, in one place.
+
+    param = space("gates", n_buckets=4, n_units=40)          # ng.p.Array in [lo, hi], starts at 1
+    values = decode(param.value, 4, 40)                      # (4, 40) numpy array for MaskSet.with_values
+    param.spawn_child(new_value=encode(values, "gates"))     # back again (journal replay, suggestions)
+
+`binary` and `groups` are 0/1 per (bucket, unit) (`groups` on channel-group units); `gates` are
+continuous scales in a bounded range around 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nevergrad as ng
+import numpy as np
+
+from .errors import MaskoptError
+
+SPACES = ("binary", "gates", "groups")
+DEFAULT_OPTIMIZER = {"binary": "DiscreteLenglerOnePlusOne", "groups": "DiscreteLenglerOnePlusOne", "gates": "NGOpt"}
+
+
+def space(kind: str, n_buckets: int, n_units: int, gate_range: tuple[float, float] = (0.0, 1.5), seed: int = 0) -> ng.p.Parameter:
+    if kind not in SPACES:
+        raise MaskoptError(f"unknown space {kind!r}; valid: {', '.join(SPACES)}")
+    n = n_buckets * n_units
+    if kind == "gates":
+        lo, hi = gate_range
+        if not 0.0 <= lo < 1.0 < hi <= 2.0:
+            raise MaskoptError(f"gate range {lo}:{hi} must hold 1 and lie within [0, 2]")
+        param = ng.p.Array(init=np.ones(n), lower=lo, upper=hi)
+    else:
+        param = ng.p.Choice([0.0, 1.0], repetitions=n)
+    param.random_state = np.random.RandomState(seed)
+    return param
+
+
+def decode(value: Any, n_buckets: int, n_units: int) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64).reshape(n_buckets, n_units)
+
+
+def encode(values: np.ndarray, kind: str) -> Any:
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    return flat if kind == "gates" else tuple(float(v) for v in flat)
+
+
+def optimizer(name: str | None, param: ng.p.Parameter, kind: str, budget: int, workers: int) -> Any:
+    """A nevergrad optimizer by registry name (default per space), seeded with the all-ones baseline."""
+    name = name or DEFAULT_OPTIMIZER[kind]
+    if name not in ng.optimizers.registry:
+        close = sorted(n for n in ng.optimizers.registry if name.lower()[:4] in n.lower())[:8]
+        raise MaskoptError(
+            f"unknown optimizer {name!r}; valid: any name in nevergrad.optimizers.registry"
+            + (f" (close: {', '.join(close)})" if close else " (e.g. NGOpt, CMA, DiscreteOnePlusOne, TwoPointsDE)")
+        )
+    return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=workers)

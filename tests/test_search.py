@@ -1,0 +1,198 @@
+"""`maskopt search` end to end on a tiny saved pipeline, with a python reward (no model download)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from maskopt import Buckets, MaskSet, find_units
+from maskopt.cli import main
+from maskopt.evaluate import Evaluator, TrajectoryCache
+from maskopt.models import load_pipeline
+from maskopt.rewards import load_reward
+from tiny import tiny_pipeline
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd")
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("a red cat\n\na blue dog\na red cat\n")  # blank line skipped, duplicate kept once
+    return p
+
+
+def args(pipe_dir, prompts, out, *extra):
+    return ["search", "--prompts", str(prompts), "--model", str(pipe_dir), "--reward", "python:reward_fns:brightness",
+            "--buckets", "2", "--steps", "4", "--seeds", "1", "--holdout-seeds", "2", "--out", str(out), *extra]
+
+
+def test_search_end_to_end(pipe_dir, prompts, tmp_path, caplog):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "6", "--space", "binary"))
+    assert r.exit_code == 0, r.output
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"masks: {out / 'masks.json'}") and "held-out" in last
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["config"]["space"] == "binary" and len(entries) == 6
+    assert entries[0]["values"] == [[1.0] * len(entries[0]["values"][0])] * 2  # the baseline first
+    assert all(len(e["rewards"]) == 2 for e in entries)  # per prompt: the duplicate was kept once
+    assert "duplicate prompt 'a red cat' kept once" in caplog.text
+    pipe = load_pipeline(str(pipe_dir))
+    masks = MaskSet.load(out / "masks.json", unet=pipe.unet)
+    best = max(entries, key=lambda e: e["objective"])
+    assert np.array_equal(masks.values, np.asarray(best["values"]))  # the best candidate, baseline included
+    prov = masks.provenance
+    assert prov["reward"] == "python:reward_fns:brightness" and prov["optimizer"] == "DiscreteLenglerOnePlusOne"
+    assert {"diff", "ci_low", "ci_high", "n"} <= prov["holdout"].keys() and prov["holdout"]["n"] == 4
+    report = (out / "report.md").read_text()
+    assert "95% CI" in report
+    for png in ("progress.png", "values.png", "grid.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_trajectory_reuse_gives_the_same_rewards(pipe_dir):
+    pipe = load_pipeline(str(pipe_dir))
+    units = find_units(pipe.unet, "paper")
+    template = MaskSet.ones(pipe.unet, units, Buckets.uniform(3))
+    reward = load_reward("python:reward_fns:brightness")
+    make = lambda cache: Evaluator(pipe, reward, template, ["a cat", "a dog"], [0, 1], 6, 5.0, cache=cache)
+    cached, plain = make(TrajectoryCache(64)), make(None)
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1.5, (3, len(units)))
+    b = a.copy()
+    b[0] = 0.3  # differs only in bucket 0, the last visited: the first 2 buckets' steps replay
+    c = a.copy()
+    c[2] = 1.2  # differs in the first visited bucket: nothing replays
+    results = [cached(v) for v in (a, b, c)]
+    assert [r.cache_hits for r in results] == [0, 4, 0]  # 6 DDIM steps, 2 per bucket
+    assert [r.unet_calls for r in results] == [6, 2, 6]
+    for v, r in zip((a, b, c), results):
+        assert r.rewards == plain(v).rewards  # bit for bit
+    assert results[0].rewards != results[1].rewards
+
+
+def test_resume_after_sigkill(pipe_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "maskopt.cli", *args(pipe_dir, prompts, out, "--budget", "12", "--space", "gates")]
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "journal.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = journal.read_text().splitlines()
+    assert len(before) >= 4, "the search did not journal three evaluations in time"
+    with open(journal, "a") as f:
+        f.write('{"i": 99, "values": [[1.0')  # a torn line, as a kill mid-write leaves
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "12", "--space", "gates", "--resume"))
+    assert r.exit_code == 0, r.output
+    after = journal.read_text().splitlines()
+    assert after[: len(before)] == before  # nothing journaled before the kill is lost or rewritten
+    entries = [json.loads(x) for x in after[1:]]
+    assert [e["i"] for e in entries] == list(range(12))
+    assert (out / "masks.json").exists()
+
+
+def test_recipe_and_override(pipe_dir, prompts, tmp_path):
+    from maskopt.config import resolve
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(pipe_dir), "steps": 4, "buckets": 2, "space": "binary",
+                                      "gate-range": "0.5:1.5", "size": "16x16", "targets": "resnets"}))
+    cfg = resolve(str(recipe), steps=6, prompts=str(prompts))
+    assert (cfg.steps, cfg.buckets, cfg.space, cfg.gate_range, cfg.size, cfg.targets) == (6, 2, "binary", (0.5, 1.5), (16, 16), ["resnets"])
+    assert resolve(str(recipe)).steps == 4
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    with pytest.raises(Exception, match="unknown setting 'stepz'; valid: "):
+        resolve(str(tmp_path / "bad.yaml"))
+
+
+def test_shipped_recipes_parse():
+    from maskopt.config import resolve
+
+    recipes = sorted((TESTS.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for r in recipes:
+        resolve(str(r))
+
+
+def test_nan_rewards_are_failed_candidates(pipe_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    a = args(pipe_dir, prompts, out, "--budget", "5")
+    a[a.index("python:reward_fns:brightness")] = "python:reward_fns:flaky"
+    import reward_fns
+
+    reward_fns._calls["n"] = 0
+    r = CliRunner().invoke(main, a)
+    entries = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()[1:]]
+    assert [e["failed"] for e in entries] == [False, True, False, True, False]
+    # the held-out check then hits a NaN too (call 6): no mask file, a one-line error
+    assert r.exit_code != 0 and "NaN" in r.output and not (out / "masks.json").exists()
+
+
+def _bad(tmp_path, pipe_dir, prompts, *extra, out=None):
+    out = out or tmp_path / "bad-run"
+    return CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "2", *extra))
+
+
+@pytest.mark.parametrize("setup, extra, message", [
+    (lambda p: p.unlink(), [], "prompt file .* does not exist"),
+    (lambda p: p.write_text("\n  \n"), [], "holds no prompts"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00a cat"), [], "is not UTF-8 text"),
+    (None, ["--reward", "clipp"], "unknown reward 'clipp'; valid: aesthetic, clip, digits"),
+    (None, ["--optimizer", "NoSuchOpt"], "unknown optimizer 'NoSuchOpt'"),
+    (None, ["--targets", "nope.*"], "'nope.\\*' matches no unit"),
+    (None, ["--scheduler", "warp"], "unknown scheduler 'warp'; valid: ddim"),
+    (None, ["--buckets", "5"], "--buckets 5 is larger than the number of sampling steps \\(4\\)"),
+    (None, ["--gate-range", "1.2:1.5"], "must hold 1"),
+])
+def test_bad_input(tmp_path, pipe_dir, prompts, setup, extra, message):
+    if setup:
+        setup(prompts)
+    r = _bad(tmp_path, pipe_dir, prompts, *extra)
+    assert r.exit_code != 0
+    import re
+    assert re.search(message, r.output), r.output
+    assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("Error:")
+    assert not (tmp_path / "bad-run").exists()  # nothing half-written
+
+
+def test_existing_output_folder(tmp_path, pipe_dir, prompts):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = _bad(tmp_path, pipe_dir, prompts, out=out)
+    assert r.exit_code != 0 and "exists and is not empty; pass --resume" in r.output
+    r = _bad(tmp_path, pipe_dir, prompts, "--resume", out=out)
+    assert r.exit_code != 0 and "holds no search journal" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_resume_with_other_configuration(tmp_path, pipe_dir, prompts):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "2")).exit_code == 0
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "3", "--resume", "--steps", "6"))
+    assert r.exit_code != 0 and "different configuration (steps: 4 there, 6 now)" in r.output
+
+
+def test_unwritable_output(tmp_path, pipe_dir, prompts):
+    (tmp_path / "file").write_text("x")
+    r = _bad(tmp_path, pipe_dir, prompts, out=tmp_path / "file" / "sub")
+    assert r.exit_code != 0 and "not writable" in r.output
