@@ -33,7 +33,8 @@ class LinearBias(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.to(x.dtype).expand(*x.shape[:-1], self.out_features)
+        # contiguous: a zero-stride view makes some downstream CPU kernels (attention) several times slower
+        return self.bias.to(x.dtype).expand(*x.shape[:-1], self.out_features).contiguous()
 
 
 class Conv2dBias(nn.Module):
@@ -53,7 +54,7 @@ class Conv2dBias(nn.Module):
             (size + 2 * p - d * (k - 1) - 1) // s + 1
             for size, p, d, k, s in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride)
         )
-        return self.bias.to(x.dtype).view(1, -1, 1, 1).expand(x.shape[0], -1, h, w)
+        return self.bias.to(x.dtype).view(1, -1, 1, 1).expand(x.shape[0], -1, h, w).contiguous()
 
 
 class ResnetSkip(nn.Module):

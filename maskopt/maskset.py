@@ -105,7 +105,7 @@ class MaskSet:
         fp = fingerprint(unet)
         if self.fingerprint and fp != self.fingerprint:
             raise MaskoptError(
-                f"mask file was made for U-Net {self.source or '?'} (fingerprint {self.fingerprint[:12]}), "
+                f"masks were made for U-Net {self.source or '?'} (fingerprint {self.fingerprint[:12]}), "
                 f"not for this one (fingerprint {fp[:12]})"
             )
         for u in self.units:
@@ -141,6 +141,7 @@ class MaskSet:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text + "\n")
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a mask file is meant to be shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -189,6 +190,12 @@ class MaskSet:
             except MaskoptError as e:
                 raise MaskoptError(f"mask file {path}: {e}") from None
         return masks
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _tidy(v: float) -> float | int:

@@ -50,7 +50,7 @@ def _write(tmp_path, masks, **change):
     (dict(buckets=[[0, 99], [101, 599], [600, 999]]), "bucket 1 starts at 101, expected 100"),
     (dict(units=lambda d: d["units"][:-1] + [{"name": "up_blocks.7.nope", "kind": "weight"}]), "unit 'up_blocks.7.nope' does not exist"),
     (dict(units=lambda d: d["units"][:-1] + [{"name": "x", "kind": "mystery"}]), "kind 'mystery' is not one of"),
-    (dict(fingerprint="0" * 64), "was made for U-Net .* not for this one"),
+    (dict(fingerprint="0" * 64), "masks were made for U-Net .* not for this one"),
 ])
 def test_invalid_files_rejected(tmp_path, unet, masks, change, message):
     path = _write(tmp_path, masks, **change)
