@@ -194,7 +194,7 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
 @click.option("--masks", "masks_path", type=click.Path(), default=None, help="Mask file (torch backend).")
 @click.option("--export", "export_dir", type=click.Path(), default=None, help="Folder made by maskopt export.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,
-              help="Default: torch with --masks, onnxruntime with --export.")
+              help="Default: torch with --masks; onnxruntime with --export (tensorrt if it has only engines).")
 @click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the export's or mask file's, else"))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", type=int, default=30, show_default=True)
