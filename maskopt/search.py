@@ -53,6 +53,8 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
     from .rewards import check_spec
 
     embedded = cfg.model is None
+    if not embedded and not cfg.prompts:
+        raise MaskoptError("--prompts is required with --model (the shipped prompts are for the embedded digits model)")
     prompts = read_prompts(cfg.prompts or default.PROMPTS_PATH)
     holdout_file = cfg.holdout_prompts or (default.HOLDOUT_PROMPTS_PATH if embedded and not cfg.prompts else None)
     holdout = read_prompts(holdout_file) if holdout_file else prompts

@@ -74,28 +74,12 @@ def unet_inputs(unet: UNet2DConditionModel, batch: int = 2, size: int = 8, seed:
     return kw
 
 
-def tiny_tokenizer(path):
-    """A CLIPTokenizer over single characters (no merges): tokenizes any lowercase text, no download."""
-    import json
-    from pathlib import Path
-
-    from transformers import CLIPTokenizer
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
-    tok.save_pretrained(path)
-    return tok
-
-
 def tiny_pipeline(path, xl: bool = False, seed: int = 0):
     """Save a tiny StableDiffusion(XL)Pipeline with save_pretrained, as a user's local folder would be."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tiny_clip import save_tokenizer
 
     torch.manual_seed(seed)
     unet = tiny_unet(TINY_XL if xl else TINY_SD, seed)
@@ -103,10 +87,11 @@ def tiny_pipeline(path, xl: bool = False, seed: int = 0):
         block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
     )
-    tok = tiny_tokenizer(path / "_tok")
+    tok = save_tokenizer(path / "_tok")
     text = lambda hidden, **kw: CLIPTextConfig(
-        vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw
     )
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
