@@ -1,0 +1,121 @@
+"""The embedded default loads from the package's own files and its reward measures what it claims."""
+
+import numpy as np
+import pytest
+import torch
+
+from maskopt.default import CLASSIFIER_PATH, HOLDOUT_PROMPTS_PATH, PIPELINE_DIR, PROMPTS_PATH
+from maskopt.default.data import _split_indices, load_split
+from maskopt.default.reward import DigitReward, digit_of, frechet_distance
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(PIPELINE_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return DigitReward()
+
+
+@pytest.fixture(scope="module")
+def holdout():
+    return load_split("holdout")
+
+
+def _prompts(path):
+    return path.read_text().splitlines()
+
+
+def test_pipeline_is_a_stable_diffusion_pipeline(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    assert type(pipe) is StableDiffusionPipeline
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    assert all(p.suffix == ".safetensors" for p in PIPELINE_DIR.rglob("*") if p.suffix in (".safetensors", ".bin"))
+    # The paper preset's units exist: cross-attention (attn2) linears in the decoder.
+    names = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert any(n.startswith("up_blocks.") and ".attn2.to_k" in n for n in names)
+
+
+def test_pipeline_denoises(pipe):
+    prompts = ["a handwritten 7", "the digit seven"]
+    images = pipe(prompts, num_inference_steps=2, guidance_scale=2.0, output_type="pt",
+                  generator=[torch.Generator().manual_seed(s) for s in range(2)]).images
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def test_tokenizer_knows_every_prompt_word(pipe):
+    from transformers import CLIPTokenizer
+
+    # The same vocabulary from vocab.json + merges.txt, the files transformers 4.x's CLIPTokenizer reads.
+    files = CLIPTokenizer(vocab=str(PIPELINE_DIR / "tokenizer" / "vocab.json"),
+                          merges=str(PIPELINE_DIR / "tokenizer" / "merges.txt"), model_max_length=16)
+    for prompt in _prompts(PROMPTS_PATH) + _prompts(HOLDOUT_PROMPTS_PATH):
+        tokens = pipe.tokenizer.tokenize(prompt)
+        assert all(t.endswith("</w>") for t in tokens), (prompt, tokens)  # whole words, never spelled out
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=16).input_ids
+        assert len(ids) == 16 and ids == files(prompt, padding="max_length", max_length=16).input_ids
+
+
+def test_prompt_files_cover_every_digit():
+    for path in (PROMPTS_PATH, HOLDOUT_PROMPTS_PATH):
+        prompts = _prompts(path)
+        assert sorted({digit_of(p) for p in prompts}) == list(range(10)), path.name
+    assert not set(_prompts(PROMPTS_PATH)) & set(_prompts(HOLDOUT_PROMPTS_PATH))
+
+
+def test_digit_of():
+    assert digit_of("a handwritten 7") == 7
+    assert digit_of("The digit SEVEN") == 7
+    assert digit_of("zero") == 0
+    with pytest.raises(ValueError, match="'a cat'"):
+        digit_of("a cat")
+    with pytest.raises(ValueError, match="several digits"):
+        digit_of("a 7 next to an eight")
+
+
+def test_splits_are_disjoint():
+    parts = _split_indices()
+    joined = np.concatenate(list(parts.values()))
+    assert len(joined) == len(set(joined.tolist())) == 1797
+
+
+def test_classifier_held_out_accuracy(reward, holdout):
+    images, labels = holdout
+    accuracy = (reward.logits(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.95
+
+
+def test_reward_prefers_the_prompted_digit(reward, holdout):
+    images, labels = holdout
+    right = reward(images, [f"a handwritten {d}" for d in labels.tolist()])
+    wrong = reward(images, [f"the digit {(d + 1) % 10}" for d in labels.tolist()])
+    assert right.shape == (len(labels),) and right.dtype == torch.float32
+    assert right.mean() > 0.9 and wrong.mean() < 0.05
+    assert (right > wrong).float().mean() > 0.95
+    # Any resolution: the same digits at 64x64 score about the same.
+    big = torch.nn.functional.interpolate(images[:50], size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(reward(big, ["a 0"] * 50), reward(images[:50], ["a 0"] * 50), atol=0.1)
+
+
+def test_reward_from_explicit_path():
+    reward = DigitReward(str(CLASSIFIER_PATH))
+    assert reward.name == "digits"
+    with pytest.raises(FileNotFoundError):
+        DigitReward("/nonexistent/classifier.safetensors")
+
+
+def test_frechet_distance(holdout):
+    images, _ = holdout
+    assert frechet_distance(images, images) < 1e-6
+    assert frechet_distance(images) < 1e-6  # the default reference is the held-out split itself
+    real = frechet_distance(load_split("classifier")[0])  # other real digits: small but not zero
+    noise = frechet_distance(torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert 0 < real and noise > 10 * real
