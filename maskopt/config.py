@@ -112,7 +112,15 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
-    """SearchConfig from defaults, then the recipe, then the flags that were given (not None)."""
+    """SearchConfig from defaults, then the recipe, then the flags that were given (not None).
+
+    Without a recipe and without --model, the embedded default's own recipe applies (its sampler
+    settings differ from SD's: see maskopt/default/recipe.yaml).
+    """
+    if recipe is None and flags.get("model") is None:
+        from .default import RECIPE_PATH
+
+        recipe = str(RECIPE_PATH)
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in flags.items() if v is not None and v != ()})
     cfg = SearchConfig(**{k: _coerce(k, v) for k, v in values.items()})

@@ -30,5 +30,6 @@ PIPELINE_DIR = _HERE / "pipeline"
 CLASSIFIER_PATH = _HERE / "classifier.safetensors"
 PROMPTS_PATH = _HERE / "prompts.txt"
 HOLDOUT_PROMPTS_PATH = _HERE / "holdout_prompts.txt"
+RECIPE_PATH = _HERE / "recipe.yaml"  # the search settings `maskopt search` uses without --model/--recipe
 
-__all__ = ["PIPELINE_DIR", "CLASSIFIER_PATH", "PROMPTS_PATH", "HOLDOUT_PROMPTS_PATH"]
+__all__ = ["PIPELINE_DIR", "CLASSIFIER_PATH", "PROMPTS_PATH", "HOLDOUT_PROMPTS_PATH", "RECIPE_PATH"]
