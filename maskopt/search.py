@@ -27,7 +27,7 @@ from .evaluate import Evaluation, Evaluator, TrajectoryCache
 from .journal import Journal, read
 from .maskset import MaskSet
 from .prompts import read_prompts
-from .space import DEFAULT_OPTIMIZER, decode, encode, optimizer, space
+from .space import DEFAULT_OPTIMIZER, close, decode, encode, optimizer, space
 from .stats import Paired, paired
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
                 opt.tell(cand, _loss(record(values, evaluator(values))))
     finally:
         journal.close()
+        close(opt)
 
     # 4. Best candidate vs baseline on held-out prompts and unseen seeds.
     baseline = entries[0]

@@ -55,3 +55,24 @@ def optimizer(name: str | None, param: ng.p.Parameter, kind: str, budget: int, w
             + (f" (close: {', '.join(close)})" if close else " (e.g. NGOpt, CMA, DiscreteOnePlusOne, TwoPointsDE)")
         )
     return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=workers)
+
+
+def close(opt: Any) -> None:
+    """Stop the worker threads of nevergrad's recast (scipy) optimizers, also those inside NGOpt's portfolio.
+
+    They are not daemon threads and their owners sit in reference cycles, so without this a finished
+    search could keep the process alive, blocked at exit.
+    """
+    seen: set[int] = set()
+    stack = [opt]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or not hasattr(o, "__dict__"):
+            continue
+        seen.add(id(o))
+        thread = o.__dict__.get("_messaging_thread")
+        if thread is not None:
+            thread.stop()
+        for v in o.__dict__.values():
+            items = v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else [v]
+            stack.extend(x for x in items if isinstance(x, ng.optimizers.base.Optimizer))

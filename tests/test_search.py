@@ -196,3 +196,22 @@ def test_unwritable_output(tmp_path, pipe_dir, prompts):
     (tmp_path / "file").write_text("x")
     r = _bad(tmp_path, pipe_dir, prompts, out=tmp_path / "file" / "sub")
     assert r.exit_code != 0 and "not writable" in r.output
+
+
+def test_recast_optimizer_threads_are_stopped():
+    """NGOpt may hand a small budget to scipy's COBYLA, which nevergrad runs in a non-daemon thread."""
+    import threading
+
+    from maskopt.space import close, optimizer, space
+
+    param = space("gates", 2, 3)
+    opt = optimizer("NGOpt", param, "gates", budget=12, workers=1)
+    for _ in range(12):
+        c = opt.ask()
+        opt.tell(c, float(np.sum(c.value)))
+    threads = [t for t in threading.enumerate() if type(t).__name__ == "_MessagingThread"]
+    assert threads, "this budget no longer starts a recast optimizer: the test needs another setting"
+    close(opt)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
