@@ -205,12 +205,14 @@ def test_recast_optimizer_threads_are_stopped():
     from maskopt.space import close, optimizer, space
 
     param = space("gates", 2, 3)
-    opt = optimizer("NGOpt", param, "gates", budget=12, workers=1)
-    for _ in range(12):
+    opt = optimizer("NGOpt", param, "gates", budget=40, workers=1)
+    for _ in range(12):  # stop short of the budget, as a search whose optimizer wants more would
         c = opt.ask()
         opt.tell(c, float(np.sum(c.value)))
-    threads = [t for t in threading.enumerate() if type(t).__name__ == "_MessagingThread"]
+    threads = [t for t in threading.enumerate() if type(t).__name__ == "_MessagingThread" and t.is_alive()]
     assert threads, "this budget no longer starts a recast optimizer: the test needs another setting"
+    threads[0].join(timeout=1)
+    assert threads[0].is_alive()  # blocked, waiting for a loss that will never come
     close(opt)
     for t in threads:
         t.join(timeout=10)
