@@ -179,17 +179,21 @@ class MaskSet:
         path = Path(path)
         if not path.is_file():
             raise MaskoptError(f"mask file {path} does not exist")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MaskoptError(f"mask file {path} is not valid JSON ({e})") from None
-        masks = cls.from_dict(d, where=f"mask file {path}")
+        masks = cls.from_dict(read_json(path, f"mask file {path}"), where=f"mask file {path}")
         if unet is not None:
             try:
                 masks.check(unet)
             except MaskoptError as e:
                 raise MaskoptError(f"mask file {path}: {e}") from None
         return masks
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON in `path`, or a one-line MaskoptError naming `what` when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MaskoptError(f"{what} is not valid JSON ({e})") from None
 
 
 def _umask() -> int:

@@ -22,6 +22,7 @@ from typing import Any
 from .. import __version__
 from ..buckets import Buckets, scalar_timestep
 from ..errors import MaskoptError
+from ..maskset import read_json
 from .shapes import ShapeProfile, Signature
 from .verify import Verification
 
@@ -195,11 +196,7 @@ class Manifest:
         path = folder / NAME
         if not path.is_file():
             raise MaskoptError(f"{folder} is not a maskopt export (no {NAME})")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MaskoptError(f"{path} is not valid JSON ({e})") from None
-        manifest = cls.from_dict(d, where=str(path))
+        manifest = cls.from_dict(read_json(path, str(path)), where=str(path))
         if check_hashes:
             manifest.check_hashes(folder)
         return manifest
