@@ -40,6 +40,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _apply_only(unet, masks) -> None:
+    with maskopt.apply(unet, masks) as state:
+        for k in reversed(range(len(masks.buckets))):
+            state.load(k)
+
+
 def main() -> None:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**CONFIG).eval()
@@ -62,10 +68,16 @@ def main() -> None:
         with maskopt.apply(unet, masks):
             sample()
 
-    plain = timed(sample, 5)
-    applied = timed(sample_applied, 5)
+    # Interleaved pairs, so drifts in machine load hit both sides alike.
+    sample(), sample_applied()
+    pairs = [(timed(sample, 1), timed(sample_applied, 1)) for _ in range(8)]
+    plain, applied = statistics.median(p for p, _ in pairs), statistics.median(a for _, a in pairs)
+    spread = statistics.pstdev(p for p, _ in pairs) / plain
+    own = timed(lambda: _apply_only(unet, masks), 5)
     print(f"sampling run, 20 DDIM steps, K=4, {len(units)} paper units: plain {plain * 1e3:.0f} ms, "
-          f"with apply {applied * 1e3:.0f} ms, ratio {applied / plain:.3f}")
+          f"with apply {applied * 1e3:.0f} ms, ratio {applied / plain:.3f} (run-to-run spread of plain: "
+          f"{100 * spread:.1f}%); apply's own work (enter, 4 loads, exit) {own * 1e3:.1f} ms = "
+          f"{100 * own / plain:.1f}% of a run")
 
     units = maskopt.find_units(unet, ["paper", "branches"])
     rng = np.random.default_rng(1)
