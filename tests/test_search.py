@@ -217,3 +217,15 @@ def test_recast_optimizer_threads_are_stopped():
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_search_on_an_sdxl_pipeline(tmp_path, prompts):
+    """SDXL's added conditioning goes through the same evaluation path (tiny saved SDXL pipeline)."""
+    xl = tiny_pipeline(tmp_path / "xl", xl=True)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, args(xl, prompts, out, "--budget", "3", "--guidance", "3.0"))
+    assert r.exit_code == 0, r.output
+    pipe = load_pipeline(str(xl))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    masks = MaskSet.load(out / "masks.json", unet=pipe.unet)
+    assert len(masks.units) == len(find_units(pipe.unet, "paper")) == 32
