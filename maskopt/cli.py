@@ -93,7 +93,7 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--batch-size", type=int, default=None, help="Images per pipeline call (default: all at once).")
 @click.option("--cache", type=int, default=None, help="Trajectory cache entries; 0 turns reuse off.")
 @click.option("--seed", type=int, default=None, help="Optimizer seed.")
-@click.option("--out", default=None, help="Output folder (default runs/search).")
+@click.option("--out", default=None, help="Output folder (default: a new runs/search-DATE-TIME).")
 @click.option("--recipe", type=click.Path(), default=None, help="YAML file of settings; flags override it.")
 @click.option("--resume", is_flag=True, default=None, help="Continue the search journaled in --out.")
 @click.option("--device", default=None, help="cpu or cuda.")

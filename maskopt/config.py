@@ -7,6 +7,7 @@ config is saved at the head of the journal and in the mask file's provenance.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ class SearchConfig:
     batch_size: int | None = None  # images per pipeline call; None: one batch per evaluation
     cache: int = 256  # trajectory cache entries (U-Net outputs); 0 turns reuse off
     seed: int = 0  # optimizer seed
-    out: str = "runs/search"
+    out: str | None = None  # None: a new runs/search-YYYYmmdd-HHMMSS, so rerunning never collides
     resume: bool = False
     device: str = "cpu"
     dtype: str = "float32"
@@ -124,5 +125,9 @@ def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in flags.items() if v is not None and v != ()})
     cfg = SearchConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    if cfg.out is None:
+        if cfg.resume:
+            raise MaskoptError("--resume needs --out: the folder of the search to continue")
+        cfg.out = time.strftime("runs/search-%Y%m%d-%H%M%S")
     cfg.validate()
     return cfg
