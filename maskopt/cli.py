@@ -77,7 +77,7 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--targets", multiple=True, help="Preset (paper, attention, resnets, branches) or glob; repeatable.")
 @click.option("--space", type=click.Choice(["binary", "gates", "groups"]), default=None)
 @click.option("--groups", type=int, default=None, help="Channel groups per layer (groups space; default 4).")
-@click.option("--gate-range", default=None, help="Bounds of the gates space, LO:HI (default 0:1.5).")
+@click.option("--gate-range", default=None, help="Bounds of the gates space, LO:HI (default 0.75:1.25).")
 @click.option("--buckets", type=int, default=None, help="Number of timestep buckets K.")
 @click.option("--budget", type=int, default=None, help="Evaluations, the baseline included.")
 @click.option("--optimizer", default=None, help="nevergrad optimizer name (default per space).")

@@ -25,7 +25,7 @@ class SearchConfig:
     targets: list[str] = field(default_factory=lambda: ["paper"])  # presets or module-name globs
     space: str = "gates"  # binary | gates | groups
     groups: int | None = None  # channel groups per layer (default 4 for the groups space)
-    gate_range: tuple[float, float] = (0.0, 1.5)  # gates space bounds
+    gate_range: tuple[float, float] = (0.75, 1.25)  # gates space bounds (wider ranges bought reward with realism)
     buckets: int = 4  # K timestep buckets
     budget: int = 100  # evaluations, the all-ones baseline included
     optimizer: str | None = None  # nevergrad registry name; None: the default for the space
@@ -79,7 +79,7 @@ def parse_range(text: str | tuple | list) -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in (text.split(":") if isinstance(text, str) else text))
     except (ValueError, TypeError):
-        raise MaskoptError(f"gate range {text!r} is not LO:HI, e.g. 0:1.5") from None
+        raise MaskoptError(f"gate range {text!r} is not LO:HI, e.g. 0.75:1.25") from None
     return lo, hi
 
 

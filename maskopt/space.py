@@ -21,7 +21,7 @@ SPACES = ("binary", "gates", "groups")
 DEFAULT_OPTIMIZER = {"binary": "DiscreteLenglerOnePlusOne", "groups": "DiscreteLenglerOnePlusOne", "gates": "NGOpt"}
 
 
-def space(kind: str, n_buckets: int, n_units: int, gate_range: tuple[float, float] = (0.0, 1.5), seed: int = 0) -> ng.p.Parameter:
+def space(kind: str, n_buckets: int, n_units: int, gate_range: tuple[float, float] = (0.75, 1.25), seed: int = 0) -> ng.p.Parameter:
     if kind not in SPACES:
         raise MaskoptError(f"unknown space {kind!r}; valid: {', '.join(SPACES)}")
     n = n_buckets * n_units
