@@ -119,3 +119,23 @@ def test_frechet_distance(holdout):
     real = frechet_distance(load_split("classifier")[0])  # other real digits: small but not zero
     noise = frechet_distance(torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert 0 < real and noise > 10 * real
+
+
+def test_short_search_on_the_default_improves_or_ties(tmp_path):
+    """`maskopt search` with no model runs the shipped pipeline and reward with the shipped recipe."""
+    import json
+
+    from click.testing import CliRunner
+    from diffusers import DiffusionPipeline
+
+    from maskopt import MaskSet
+    from maskopt.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["search", "--budget", "10", "--seeds", "1", "--holdout-seeds", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    header, *entries = (json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines())
+    assert header["reward"] == "digits" and header["config"]["guidance"] == 1.0 and len(entries) == 10
+    masks = MaskSet.load(out / "masks.json", unet=DiffusionPipeline.from_pretrained(str(PIPELINE_DIR)).unet)
+    assert masks.provenance["search_reward"] >= masks.provenance["baseline_search_reward"]
+    assert max(e["reward"] for e in entries) >= entries[0]["reward"] and len(masks.units) == 32
