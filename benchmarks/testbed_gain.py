@@ -89,7 +89,8 @@ def main() -> None:
     _, fb = results["baseline"]
     print(f"\nmaskopt: {pm.describe()}; Frechet {fb:.3f} -> {fm:.3f}")
     print(f"best FreeU ({freeu[6:]}): {pf.describe()}; Frechet {ff:.3f}")
-    print(f"maskopt - best FreeU: {paired(rows[[n for n, _ in rows].index(freeu)][1].rewards, rows[1][1].rewards).describe()}")
+    evals = dict(rows)
+    print(f"maskopt - best FreeU: {paired(evals[freeu].rewards, evals['maskopt'].rewards).describe()}")
     goal = pm.ci_low > 0 and pm.diff >= 0.05 and fm <= fb
     print(f"goal (gain >= 0.05, CI above 0, Frechet not worse): {'met' if goal else 'NOT met'}")
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .buckets import scalar_timestep
 from .masking import apply
 from .maskset import MaskSet
 
@@ -81,8 +82,6 @@ class TrajectoryCache:
         run = {"step": 0, "visited": [], "hits": 0, "calls": 0}
 
         def cached_forward(sample, timestep, *args, **kwargs):
-            from .buckets import scalar_timestep
-
             k = masks.buckets.index(scalar_timestep(timestep))
             if not run["visited"] or run["visited"][-1] != k:
                 run["visited"].append(k)

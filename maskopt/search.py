@@ -62,8 +62,8 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
     check_spec(reward)
     if cfg.scheduler and cfg.scheduler not in SCHEDULERS:
         raise MaskoptError(f"unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-    space(cfg.space, cfg.buckets, 1, cfg.gate_range)  # names a bad space or range
-    optimizer(cfg.optimizer, space(cfg.space, cfg.buckets, 1, cfg.gate_range), cfg.space, cfg.budget, cfg.workers)
+    # names a bad space, gate range or optimizer before any model loads
+    close(optimizer(cfg.optimizer, space(cfg.space, cfg.buckets, 1, cfg.gate_range), cfg.space, cfg.budget, cfg.workers))
     out = Path(cfg.out)
     _check_out(out, cfg)
     return dict(prompts=prompts, holdout=holdout, holdout_file=holdout_file, reward=reward, out=out)
