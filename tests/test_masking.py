@@ -179,3 +179,13 @@ def test_drop_whole_blocks(unet):
     assert "ResnetSkip" in names and "IdentityTransformer" in names and "ResnetBlock2D" not in names
     inputs = unet_inputs(unet)
     assert torch.allclose(run(dropped, 10, **inputs), run(baked, 10, **inputs), atol=1e-5)
+
+
+def test_bias_stand_ins_stay_on_the_layers_device():
+    # A bias-free layer's stand-in used to make its zeros on the CPU: a dropped U-Net on CUDA then failed
+    # in attention (found by benchmarks/gpu_unet.py). The meta device stands in for a second device here.
+    from maskopt.drop import Conv2dBias, LinearBias
+
+    linear = LinearBias(torch.nn.Linear(4, 3, bias=False, device="meta", dtype=torch.float16))
+    conv = Conv2dBias(torch.nn.Conv2d(4, 3, 3, bias=False, device="meta"))
+    assert linear.bias.device.type == conv.bias.device.type == "meta" and linear.bias.dtype == torch.float16
