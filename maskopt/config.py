@@ -17,6 +17,9 @@ import yaml
 from .errors import MaskoptError
 
 
+STRATEGIES = ("sweep", "joint")
+
+
 @dataclass
 class SearchConfig:
     prompts: str | None = None  # prompt file; default: the embedded default's prompts
@@ -29,6 +32,7 @@ class SearchConfig:
     buckets: int = 4  # K timestep buckets
     budget: int = 100  # evaluations, the all-ones baseline included
     optimizer: str | None = None  # nevergrad registry name; None: the default for the space
+    strategy: str = "sweep"  # sweep: one bucket at a time, first-visited first (see sweep.py); joint: all at once
     workers: int = 1  # candidates asked at once
     seeds: int = 2  # sampling seeds 0..S-1 per prompt, the same for every candidate
     steps: int = 15
@@ -61,6 +65,8 @@ class SearchConfig:
             raise MaskoptError(f"--buckets must be at least 1, got {self.buckets}")
         if self.buckets > self.steps:
             raise MaskoptError(f"--buckets {self.buckets} is larger than the number of sampling steps ({self.steps})")
+        if self.strategy not in STRATEGIES:
+            raise MaskoptError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if self.budget < 1 or self.seeds < 1 or self.workers < 1 or self.holdout_seeds < 1:
             raise MaskoptError("--budget, --seeds, --workers and --holdout-seeds must be at least 1")
 

@@ -103,7 +103,7 @@ def write_report(
 | baseline, held-out ({holdout.n} images) | {holdout.baseline:.4f} |
 | masked, held-out | {holdout.masked:.4f} |
 
-- model: `{cfg.model or 'embedded default (digits)'}`, reward: `{p['reward']}`, space: `{cfg.space}`, optimizer: `{p['optimizer']}`
+- model: `{cfg.model or 'embedded default (digits)'}`, reward: `{p['reward']}`, space: `{cfg.space}`, optimizer: `{p['optimizer']}` ({cfg.strategy})
 - {len(masks.units)} units x {len(masks.buckets)} buckets, {removed} (bucket, unit) values at 0
 - {len(entries)} evaluations, {sum(e['seconds'] for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls
 - sampler: {cfg.steps} steps, guidance {cfg.guidance}, scheduler `{cfg.scheduler or 'pipeline default'}`

@@ -28,6 +28,7 @@ from .journal import Journal, read
 from .maskset import MaskSet
 from .prompts import read_prompts
 from .space import DEFAULT_OPTIMIZER, close, decode, encode, optimizer, space
+from .sweep import BucketSweep
 from .stats import Paired, paired
 
 logger = logging.getLogger(__name__)
@@ -97,18 +98,20 @@ def _check_out(out: Path, cfg: SearchConfig) -> None:
         raise MaskoptError(f"output folder {out} is not writable ({e.strerror})") from None
 
 
-def check_buckets(pipe: Any, buckets: Buckets, steps: int) -> None:
-    """Every bucket must get at least one sampling step, or its values could never matter."""
+def bucket_steps(pipe: Any, buckets: Buckets, steps: int) -> list[int]:
+    """Sampling steps per bucket; every bucket must get at least one, or its values could never matter."""
     sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
-    seen = {buckets.index(float(t)) for t in sched.timesteps}
-    empty = [k for k in range(len(buckets)) if k not in seen]
-    if empty:
-        k = empty[0]
+    counts = [0] * len(buckets)
+    for t in sched.timesteps:
+        counts[buckets.index(float(t))] += 1
+    if 0 in counts:
+        k = counts.index(0)
         raise MaskoptError(
             f"bucket {k} {list(buckets.ranges[k])} gets no sampling step with {steps} steps of "
             f"{type(sched).__name__}: use fewer --buckets or more --steps"
         )
+    return counts
 
 
 def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:
@@ -125,7 +128,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         groups = cfg.groups or (4 if cfg.space == "groups" else None)
         units = find_units(pipe.unet, cfg.targets, groups=groups)
         buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
-        check_buckets(pipe, buckets, cfg.steps)
+        counts = bucket_steps(pipe, buckets, cfg.steps)
         template = MaskSet.ones(pipe.unet, units, buckets, source=cfg.model or "maskopt:default")
         reward = load_reward(inputs["reward"], cfg.device)
         logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), inputs["reward"])
@@ -138,13 +141,17 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
 
     # 3. The ask/tell loop, journaled.
     header = {"config": cfg.identity(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
-              "reward": inputs["reward"], "optimizer": cfg.optimizer or DEFAULT_OPTIMIZER[cfg.space]}
+              "reward": inputs["reward"], "optimizer": cfg.optimizer or DEFAULT_OPTIMIZER[cfg.space],
+              "strategy": cfg.strategy}
     journal = Journal(out / "journal.jsonl", header)
     _, entries, _ = read(journal.path)
-    param = space(cfg.space, len(buckets), len(units), cfg.gate_range, cfg.seed)
-    opt = optimizer(cfg.optimizer, param, cfg.space, cfg.budget, cfg.workers)
-    for e in entries:  # --resume: replay what was already evaluated
-        opt.tell(param.spawn_child(new_value=encode(np.asarray(e["values"]), cfg.space)), _loss(e))
+    # A change in bucket k re-runs the steps of k and of the buckets visited after it (lower timesteps).
+    recompute = [sum(counts[: k + 1]) / sum(counts) for k in range(len(buckets))]
+    try:
+        opt, pending = _replay(lambda: _optimizer(cfg, len(buckets), len(units), recompute), entries, cfg)
+    except BaseException:
+        journal.close()
+        raise
     if entries:
         logger.info("resumed %d evaluations from %s", len(entries), journal.path)
 
@@ -162,9 +169,10 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     try:
         if not entries:  # the baseline first: it is always a candidate
             ones = np.ones((len(buckets), len(units)))
-            opt.tell(param.spawn_child(new_value=encode(ones, cfg.space)), _loss(record(ones, evaluator(ones))))
+            opt.tell(opt.parametrization.spawn_child(new_value=encode(ones, cfg.space)), _loss(record(ones, evaluator(ones))))
         while len(entries) < cfg.budget:
-            asked = [opt.ask() for _ in range(min(cfg.workers, cfg.budget - len(entries)))]
+            asked = pending or [opt.ask() for _ in range(min(cfg.workers, cfg.budget - len(entries)))]
+            pending = []
             for cand in asked:
                 values = decode(cand.value, len(buckets), len(units))
                 opt.tell(cand, _loss(record(values, evaluator(values))))
@@ -187,7 +195,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     # 5. The mask file (the contract), then the report.
     masks = template.with_values(
         np.asarray(best["values"]),
-        reward=inputs["reward"], optimizer=header["optimizer"], space=cfg.space, budget=cfg.budget,
+        reward=inputs["reward"], optimizer=header["optimizer"], strategy=cfg.strategy, space=cfg.space, budget=cfg.budget,
         evaluations=len(entries), best_evaluation=best["i"], search_reward=best["reward"],
         baseline_search_reward=baseline["reward"], holdout=holdout.to_dict(),
         holdout_prompts=str(inputs["holdout_file"] or cfg.prompts or "search prompts"),
@@ -198,6 +206,63 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
 
     write_report(out, cfg, masks, entries, holdout, inputs["holdout"], base_ev.images, best_ev.images)
     return SearchResult(out, masks_path, best, baseline, holdout, len(entries))
+
+
+def _optimizer(cfg: SearchConfig, n_buckets: int, n_units: int, recompute: list[float]) -> Any:
+    """The search's optimizer: the bucket sweep (default) or one nevergrad optimizer over every bucket at once."""
+    if cfg.strategy == "sweep":
+        return BucketSweep(cfg.optimizer, cfg.space, n_buckets, n_units, cfg.budget - 1, recompute,
+                           cfg.workers, cfg.gate_range, cfg.seed)
+    param = space(cfg.space, n_buckets, n_units, cfg.gate_range, cfg.seed)
+    return optimizer(cfg.optimizer, param, cfg.space, cfg.budget, cfg.workers)
+
+
+def _replay(make: Callable[[], Any], entries: list[dict], cfg: SearchConfig) -> tuple[Any, list]:
+    """A fresh optimizer that has been told the journal; returns it and the candidates it asked past the journal.
+
+    Exact when it can be: ask as the first run asked (same seed, same groups of --workers) and tell each
+    journaled loss, so a resumed search goes on as if it had never stopped. If an ask differs from the
+    journal (another --budget or --workers, a non-deterministic optimizer), every entry is told to a new
+    optimizer as a point it did not ask for instead: the search still continues from what was learned.
+    """
+    opt = make()
+    try:
+        pending = _ask_along(opt, entries, cfg)
+        if pending is None:
+            logger.info("the optimizer no longer asks what the journal holds: replaying it as points not asked")
+            close(opt)
+            opt = make()
+            for e in entries:
+                _tell(opt, e, cfg.space)
+            pending = []
+        return opt, pending
+    except BaseException:
+        close(opt)
+        raise
+
+
+def _ask_along(opt: Any, entries: list[dict], cfg: SearchConfig) -> list | None:
+    """Ask and tell along the journal; the candidates asked past its end, or None if an ask differs from it."""
+    pending: list = []
+    if entries:
+        _tell(opt, entries[0], cfg.space)  # the baseline, evaluated before the first ask
+    i = 1
+    while i < len(entries) and i < cfg.budget:
+        for cand in [opt.ask() for _ in range(min(cfg.workers, cfg.budget - i))]:
+            if i >= len(entries):
+                pending.append(cand)  # asked in the first run too, but never evaluated: evaluate it now
+            elif np.array_equal(np.asarray(cand.value, dtype=float).ravel(), np.ravel(entries[i]["values"])):
+                _tell(opt, entries[i], cfg.space, cand)
+                i += 1
+            else:
+                return None
+    return pending
+
+
+def _tell(opt: Any, entry: dict, kind: str, cand: Any = None) -> None:
+    if cand is None:
+        cand = opt.parametrization.spawn_child(new_value=encode(np.asarray(entry["values"]), kind))
+    opt.tell(cand, _loss(entry))
 
 
 def _loss(entry: dict) -> float:

@@ -10,12 +10,17 @@ continuous scales in a bounded range around 1.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import nevergrad as ng
 import numpy as np
 
 from .errors import MaskoptError
+
+# scipy's COBYLA (NGOpt's pick for bounded gates) warns on every start that nevergrad's settings are off
+# (rhoend, or a budget under n + 2 that it then raises itself); nothing a user can act on.
+warnings.filterwarnings("ignore", message="COBYLA: Invalid (RHOEND|MAXFUN)", category=UserWarning)
 
 SPACES = ("binary", "gates", "groups")
 DEFAULT_OPTIMIZER = {"binary": "DiscreteLenglerOnePlusOne", "groups": "DiscreteLenglerOnePlusOne", "gates": "NGOpt"}

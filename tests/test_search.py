@@ -229,3 +229,41 @@ def test_search_on_an_sdxl_pipeline(tmp_path, prompts):
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     masks = MaskSet.load(out / "masks.json", unet=pipe.unet)
     assert len(masks.units) == len(find_units(pipe.unet, "paper")) == 32
+
+
+def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path):
+    """The journal is replayed by asking as the first run asked: the resumed search is the uninterrupted one."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9")).exit_code == 0
+    lines = (whole / "journal.jsonl").read_text().splitlines()
+    cut.mkdir()
+    (cut / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")  # killed after 4 evaluations
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", "--resume"))
+    assert r.exit_code == 0, r.output
+    # the same candidates and rewards (not the same timings or cache hits: the resumed run starts a new cache)
+    strip = lambda e: {k: v for k, v in json.loads(e).items() if k not in ("seconds", "cache_hits", "unet_calls")}
+    assert [strip(e) for e in (cut / "journal.jsonl").read_text().splitlines()[1:]] == [strip(e) for e in lines[1:]]
+    # another --workers asks other groups: the journal is then told as points not asked, and the search goes on
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, more, "--budget", "9", "--workers", "2", "--resume"))
+    assert r.exit_code == 0, r.output
+    assert len((more / "journal.jsonl").read_text().splitlines()) == 10
+
+
+def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path):
+    """Default strategy: one bucket per stage, first-visited first; a stage re-runs only its bucket's steps and later ones."""
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "9"))
+    assert r.exit_code == 0, r.output
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["strategy"] == "sweep"
+    values = [np.asarray(e["values"]) for e in entries]
+    first = next(i for i, v in enumerate(values) if not np.all(v[0] == 1))  # bucket 0: lowest timesteps, visited last
+    assert first > 1 and all(np.all(v[0] == 1) for v in values[:first])  # stage 1 moved bucket 1 alone
+    late = values[first:]
+    assert all(np.array_equal(v[1], late[0][1]) for v in late)  # stage 2 holds bucket 1 at the best so far
+    # 4 DDIM steps, 2 per bucket: every candidate of stage 2 replays bucket 1's 2 steps from the cache
+    assert all(e["cache_hits"] == 2 and e["unet_calls"] == 2 for e in entries[first:])

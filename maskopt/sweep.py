@@ -1,0 +1,107 @@
+"""The bucket sweep: search one bucket's values at a time, in the order the sampler visits the buckets.
+
+    opt = BucketSweep("NGOpt", "gates", n_buckets=4, n_units=32, budget=299, recompute=[4/15, 8/15, 12/15, 1])
+    cand = opt.ask()                  # a child of opt.parametrization: every (bucket, unit) value
+    opt.tell(cand, loss)
+
+Why: the sampler visits buckets from high to low timestep, and the trajectory cache replays every step
+before the first bucket in which a candidate differs from one already evaluated. A joint optimizer
+(NGOpt picks COBYLA here) moves every bucket at once, so almost nothing replays. The sweep holds all
+buckets but one at the best values found so far, so a candidate of stage k re-runs only the steps of
+bucket k and of the buckets visited after it (`recompute[k]`, a fraction of all steps).
+
+Order and budget: stages go first-visited bucket first (structure before texture, so later buckets are
+tuned on top of the earlier choices), and each stage gets evaluations in proportion to 1/recompute[k],
+so every stage costs about the same U-Net time. Each stage runs a fresh nevergrad optimizer (any
+registry name) over that bucket's units, started from the best values so far.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import nevergrad as ng
+import numpy as np
+
+from .space import close, decode, encode, optimizer, space
+
+
+def plan(budget: int, recompute: Sequence[float]) -> list[tuple[int, int]]:
+    """(bucket, evaluations) per stage, first-visited bucket (the last index) first; sums to `budget`."""
+    order = list(range(len(recompute)))[::-1]
+    weight = np.array([1.0 / recompute[k] for k in order])
+    n = np.floor(weight / weight.sum() * budget).astype(int)
+    n[-1] += budget - int(n.sum())
+    return [(k, int(m)) for k, m in zip(order, n) if m > 0]
+
+
+class BucketSweep:
+    """ask/tell like a nevergrad optimizer, over the full (bucket x unit) parametrization of `space()`."""
+
+    def __init__(self, name: str | None, kind: str, n_buckets: int, n_units: int, budget: int,
+                 recompute: Sequence[float], workers: int = 1, gate_range: tuple[float, float] = (0.75, 1.25),
+                 seed: int = 0) -> None:
+        self.name, self.kind, self.workers, self.gate_range, self.seed = name, kind, workers, gate_range, seed
+        self.shape = (n_buckets, n_units)
+        self.parametrization = space(kind, n_buckets, n_units, gate_range, seed)
+        self.stages = plan(budget, recompute)
+        self.best = np.ones(self.shape)
+        self.best_loss = float("inf")
+        self.stage = -1
+        self._opt: Any = None
+        self._asked = self._told = 0
+        self._pending: dict[str, Any] = {}  # uid of a full candidate -> the stage optimizer's own candidate
+        self._next_stage()
+
+    @property
+    def bucket(self) -> int | None:
+        """The bucket the current stage searches (None once every stage is spent)."""
+        return self.stages[self.stage][0] if self.stage < len(self.stages) else None
+
+    def _next_stage(self) -> None:
+        if self._opt is not None:
+            close(self._opt)
+        self.stage += 1
+        self._asked = self._told = 0
+        self._opt = None
+        if self.stage < len(self.stages):
+            k, n = self.stages[self.stage]
+            sub = space(self.kind, 1, self.shape[1], self.gate_range, self.seed * 1000 + self.stage)
+            sub.value = encode(self.best[k:k + 1], self.kind)  # start from the best values so far
+            # n + 1: many optimizers (COBYLA) first ask their starting point, the best so far, which is
+            # answered below without an evaluation
+            self._opt = optimizer(self.name, sub, self.kind, n + 1, self.workers)
+
+    def ask(self) -> ng.p.Parameter:
+        if self._opt is None:
+            raise RuntimeError("the sweep's budget is spent")
+        if self._asked >= self.stages[self.stage][1] and self._told == self._asked:
+            self._next_stage()
+            return self.ask()
+        k = self.bucket  # asks go past the stage's share only while its tells are pending (workers > 1)
+        for _ in range(100):
+            sub = self._opt.ask()
+            row = decode(sub.value, 1, self.shape[1])[0]
+            if not (np.array_equal(row, self.best[k]) and np.isfinite(self.best_loss)):
+                break
+            self._opt.tell(sub, self.best_loss)  # the best so far, already evaluated: no need to spend budget
+        self._asked += 1
+        values = self.best.copy()
+        values[k] = row
+        cand = self.parametrization.spawn_child(new_value=encode(values, self.kind))
+        self._pending[cand.uid] = sub
+        return cand
+
+    def tell(self, cand: ng.p.Parameter, loss: float) -> None:
+        values = decode(cand.value, *self.shape)
+        sub = self._pending.pop(cand.uid, None)
+        if sub is not None:
+            self._opt.tell(sub, loss)
+            self._told += 1
+        elif self._opt is not None:  # not asked (the baseline, a journal replay): what the stage can use
+            k = self.bucket
+            if np.array_equal(np.delete(values, k, axis=0), np.delete(self.best, k, axis=0)):
+                row = self._opt.parametrization.spawn_child(new_value=encode(values[k:k + 1], self.kind))
+                self._opt.tell(row, loss)
+        if loss < self.best_loss:
+            self.best, self.best_loss = values, loss

@@ -1,0 +1,51 @@
+"""The bucket sweep: stage plan, candidates that change one bucket at a time, and a toy objective it improves."""
+
+import numpy as np
+import pytest
+
+from maskopt.space import close
+from maskopt.sweep import BucketSweep, plan
+
+RECOMPUTE = [4 / 15, 8 / 15, 12 / 15, 1.0]  # DDIM 15 steps, K=4: steps 4, 4, 4, 3 from the lowest timesteps up
+
+
+def test_plan_gives_each_stage_the_same_unet_time():
+    stages = plan(299, RECOMPUTE)
+    assert [k for k, _ in stages] == [3, 2, 1, 0]  # first-visited bucket (highest timesteps) first
+    assert sum(n for _, n in stages) == 299
+    cost = [n * RECOMPUTE[k] for k, n in stages]  # evaluations x fraction of steps each one re-runs
+    assert max(cost) / min(cost) < 1.05
+    assert plan(3, RECOMPUTE) == [(0, 3)]  # stages with no share are left out; the budget still sums
+
+
+@pytest.mark.parametrize("kind", ["gates", "binary"])
+def test_candidates_change_only_the_stage_bucket(kind):
+    target = np.linspace(0.8, 1.2, 4 * 5).reshape(4, 5)
+    if kind == "binary":
+        target = (target > 1.0).astype(float)
+    opt = BucketSweep(None if kind == "gates" else "DiscreteOnePlusOne", kind, 4, 5, budget=80, recompute=RECOMPUTE)
+    ones = np.ones((4, 5))
+    loss = lambda v: float(((v - target) ** 2).sum())
+    opt.tell(opt.parametrization.spawn_child(new_value=ones.ravel() if kind == "gates" else tuple(ones.ravel())), loss(ones))
+    seen = []
+    for _ in range(80):
+        before, k = opt.best.copy(), None
+        cand = opt.ask()
+        values = np.asarray(cand.value, dtype=float).reshape(4, 5)
+        changed = [b for b in range(4) if not np.array_equal(values[b], before[b])]
+        assert len(changed) <= 1 and (not changed or changed[0] == opt.bucket)
+        seen.append(opt.bucket)
+        opt.tell(cand, loss(values))
+    close(opt)
+    assert [k for i, k in enumerate(seen) if i == 0 or seen[i - 1] != k] == [3, 2, 1, 0]  # one stage per bucket
+    assert [seen.count(k) for k in (3, 2, 1, 0)] == [n for _, n in plan(80, RECOMPUTE)]
+    assert loss(opt.best) < loss(ones) / 2  # it optimizes
+
+
+def test_spent_sweep_refuses_to_ask():
+    opt = BucketSweep(None, "gates", 2, 3, budget=4, recompute=[0.5, 1.0])
+    for _ in range(4):
+        c = opt.ask()
+        opt.tell(c, float(np.sum(c.value)))
+    with pytest.raises(RuntimeError, match="budget is spent"):
+        opt.ask()
