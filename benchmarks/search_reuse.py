@@ -1,9 +1,15 @@
-"""Evaluations per minute with and without trajectory reuse, same search, same machine, same run.
+"""Evaluations per minute with and without trajectory reuse, on one search's own candidates, same run.
 
-    python benchmarks/search_reuse.py                    # embedded default, K=4, default optimizer
-    python benchmarks/search_reuse.py --space binary --budget 40
+    python benchmarks/search_reuse.py                          # runs the default search (K=4), then times it
+    python benchmarks/search_reuse.py --journal runs/x/journal.jsonl   # times the candidates of a finished search
+    python benchmarks/search_reuse.py --strategy joint --budget 300
 
-Both runs use the same seed, so the optimizer asks the same candidates; rewards must agree exactly.
+1. A search with the given settings (or the journal of one) gives the candidates, in the order it asked them.
+2. Two evaluators score every candidate in that order: one with the trajectory cache (so it replays exactly
+   what the search replayed), one without. Their calls alternate, candidate by candidate, so a change in
+   the machine's load hits both alike: two back-to-back searches on shared cores drifted by 10-20% here.
+3. Prints evaluations per minute of each, the ratio, the U-Net calls replayed, and whether every reward
+   agrees bit for bit.
 """
 
 from __future__ import annotations
@@ -15,39 +21,77 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from maskopt.config import resolve
-from maskopt.search import run_search
+from maskopt.buckets import Buckets
+from maskopt.config import SearchConfig, resolve
+from maskopt.evaluate import Evaluator, TrajectoryCache
+from maskopt.maskset import MaskSet
+from maskopt.models import load_pipeline
+from maskopt.prompts import read_prompts
+from maskopt.rewards import load_reward
+from maskopt.search import prepare, run_search
+from maskopt.units import find_units
 
 
-def run(cache: int, args: argparse.Namespace) -> tuple[float, list[dict]]:
+def search_journal(args: argparse.Namespace) -> Path:
     out = Path(tempfile.mkdtemp(prefix="maskopt-reuse-")) / "run"
-    cfg = resolve(args.recipe, budget=args.budget, buckets=args.buckets, space=args.space, cache=cache, out=str(out),
-                  optimizer=args.optimizer, holdout_seeds=1)
+    cfg = resolve(args.recipe, budget=args.budget, buckets=args.buckets, space=args.space, out=str(out),
+                  optimizer=args.optimizer, strategy=args.strategy, holdout_seeds=1)
+    t0 = time.perf_counter()
     run_search(cfg)
-    entries = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()[1:]]
-    return sum(e["seconds"] for e in entries), entries
+    print(f"search: {cfg.budget} evaluations ({cfg.strategy}) in {time.perf_counter() - t0:.0f} s -> {out}")
+    return out / "journal.jsonl"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--journal", type=Path, default=None, help="time the candidates of this search instead")
     ap.add_argument("--recipe", default=None)
-    ap.add_argument("--budget", type=int, default=40)
-    ap.add_argument("--buckets", type=int, default=4)
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--buckets", type=int, default=None)
     ap.add_argument("--space", default=None)
     ap.add_argument("--optimizer", default=None)
+    ap.add_argument("--strategy", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
-    t_off, off = run(0, args)
-    t_on, on = run(4096, args)
-    same = [a["rewards"] == b["rewards"] for a, b in zip(off, on)]
-    hits = sum(e["cache_hits"] for e in on)
-    calls = sum(e["unet_calls"] for e in on)
-    print(f"{len(on)} evaluations, K={args.buckets}, space {args.space or 'default'}: "
-          f"without reuse {60 * len(off) / t_off:.1f} evals/min, with reuse {60 * len(on) / t_on:.1f} evals/min, "
-          f"ratio {t_off / t_on:.2f}x; U-Net calls replayed {hits}/{hits + calls}; identical rewards: {all(same)}")
+
+    journal = args.journal or search_journal(args)
+    lines = journal.read_text().splitlines()
+    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.strip()]
+    cfg = SearchConfig(**{**header["config"], "gate_range": tuple(header["config"]["gate_range"])})
+    inputs = prepare(SearchConfig(**{**cfg.to_dict(), "gate_range": cfg.gate_range, "out": tempfile.mkdtemp()}))
+    pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
+    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
+    assert [u.to_dict() for u in units] == header["units"], "the journal is for other units"
+    buckets = Buckets(tuple(tuple(r) for r in header["buckets"]), int(pipe.scheduler.config.num_train_timesteps))
+    template = MaskSet.ones(pipe.unet, units, buckets)
+    reward = load_reward(inputs["reward"], cfg.device)
+    make = lambda cache: Evaluator(pipe, reward, template, inputs["prompts"], range(cfg.seeds), cfg.steps,
+                                   cfg.guidance, cfg.size, cache, cfg.batch_size)
+    cached, plain = make(TrajectoryCache(SearchConfig.cache)), make(None)
+
+    seconds = {"cached": 0.0, "plain": 0.0}
+    hits = calls = 0
+    same = True
+    for i, e in enumerate(entries):
+        values = np.asarray(e["values"])
+        order = ("cached", "plain") if i % 2 == 0 else ("plain", "cached")
+        for name in order:
+            ev = (cached if name == "cached" else plain)(values)
+            seconds[name] += ev.seconds
+            if name == "cached":
+                hits, calls, r_cached = hits + ev.cache_hits, calls + ev.unet_calls, ev.rewards
+            else:
+                r_plain = ev.rewards
+        same &= r_cached == r_plain
+    n = len(entries)
+    print(f"{n} evaluations, K={len(header['buckets'])}, {header['config']['space']}, {header.get('strategy', 'joint')}, "
+          f"{header['optimizer']}: without reuse {60 * n / seconds['plain']:.1f} evals/min, with reuse "
+          f"{60 * n / seconds['cached']:.1f} evals/min, ratio {seconds['plain'] / seconds['cached']:.2f}x; "
+          f"U-Net calls replayed {hits}/{hits + calls}; identical rewards: {same}")
 
 
 if __name__ == "__main__":

@@ -82,8 +82,8 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--budget", type=int, default=None, help="Evaluations, the baseline included.")
 @click.option("--optimizer", default=None, help="nevergrad optimizer name (default per space).")
 @click.option("--strategy", type=click.Choice(["sweep", "joint"]), default=None,
-              help="sweep (default): one bucket at a time, first-visited first, cheap with trajectory reuse; "
-              "joint: one optimizer over every bucket at once.")
+              help="joint (default): one optimizer over every bucket at once; sweep: one bucket at a time, "
+              "first-visited first, about twice the evaluations per minute with trajectory reuse.")
 @click.option("--workers", type=int, default=None, help="Candidates asked at once.")
 @click.option("--seeds", type=int, default=None, help="Seeds per prompt (the same for every candidate).")
 @click.option("--steps", type=int, default=None)

@@ -32,7 +32,7 @@ class SearchConfig:
     buckets: int = 4  # K timestep buckets
     budget: int = 100  # evaluations, the all-ones baseline included
     optimizer: str | None = None  # nevergrad registry name; None: the default for the space
-    strategy: str = "sweep"  # sweep: one bucket at a time, first-visited first (see sweep.py); joint: all at once
+    strategy: str = "joint"  # joint: one optimizer over every bucket; sweep: one bucket at a time (sweep.py)
     workers: int = 1  # candidates asked at once
     seeds: int = 2  # sampling seeds 0..S-1 per prompt, the same for every candidate
     steps: int = 15

@@ -231,14 +231,15 @@ def test_search_on_an_sdxl_pipeline(tmp_path, prompts):
     assert len(masks.units) == len(find_units(pipe.unet, "paper")) == 32
 
 
-def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path):
+@pytest.mark.parametrize("strategy", ["joint", "sweep"])
+def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strategy):
     """The journal is replayed by asking as the first run asked: the resumed search is the uninterrupted one."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9")).exit_code == 0
+    assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9", "--strategy", strategy)).exit_code == 0
     lines = (whole / "journal.jsonl").read_text().splitlines()
     cut.mkdir()
     (cut / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")  # killed after 4 evaluations
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", "--resume"))
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", "--strategy", strategy, "--resume"))
     assert r.exit_code == 0, r.output
     # the same candidates and rewards (not the same timings or cache hits: the resumed run starts a new cache)
     strip = lambda e: {k: v for k, v in json.loads(e).items() if k not in ("seconds", "cache_hits", "unet_calls")}
@@ -247,15 +248,15 @@ def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path):
     more = tmp_path / "more"
     more.mkdir()
     (more / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, more, "--budget", "9", "--workers", "2", "--resume"))
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, more, "--budget", "9", "--strategy", strategy, "--workers", "2", "--resume"))
     assert r.exit_code == 0, r.output
     assert len((more / "journal.jsonl").read_text().splitlines()) == 10
 
 
 def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path):
-    """Default strategy: one bucket per stage, first-visited first; a stage re-runs only its bucket's steps and later ones."""
+    """--strategy sweep: one bucket per stage, first-visited first; a stage re-runs only its bucket's steps and later ones."""
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "9"))
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "9", "--strategy", "sweep"))
     assert r.exit_code == 0, r.output
     lines = (out / "journal.jsonl").read_text().splitlines()
     header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
