@@ -2,6 +2,7 @@
 
     python benchmarks/testbed_gain.py                       # the default search (recipes/default.yaml)
     python benchmarks/testbed_gain.py --recipe R.yaml --budget 150 --seeds 10
+    python benchmarks/testbed_gain.py --strategy sweep --budget 400 --seeds 10
 
 1. Runs `maskopt search` with the default settings (or a recipe) into a temporary folder.
 2. On the held-out prompts x unseen seeds (1000..1000+S-1), samples baseline, maskopt's masks, and
@@ -44,17 +45,19 @@ def main() -> None:
     ap.add_argument("--space", default=None)
     ap.add_argument("--targets", nargs="*", default=None)
     ap.add_argument("--optimizer", default=None)
+    ap.add_argument("--strategy", default=None, help="joint (default) or sweep")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
 
     out = args.out or tempfile.mkdtemp(prefix="maskopt-testbed-")
     cfg = resolve(args.recipe, budget=args.budget, out=out, space=args.space,
-                  targets=tuple(args.targets) if args.targets else None, optimizer=args.optimizer)
+                  targets=tuple(args.targets) if args.targets else None, optimizer=args.optimizer,
+                  strategy=args.strategy)
     t0 = time.perf_counter()
     result = run_search(cfg)
     search_s = time.perf_counter() - t0
-    print(f"search: {result.evaluations} evaluations in {search_s:.0f} s ({cfg.space}, {cfg.targets}, "
+    print(f"search: {result.evaluations} evaluations in {search_s:.0f} s ({cfg.space}, {cfg.strategy}, {cfg.targets}, "
           f"K={cfg.buckets}, {cfg.steps} steps, guidance {cfg.guidance}) -> {result.masks_path}")
 
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
