@@ -18,12 +18,15 @@ registry name) over that bucket's units, started from the best values so far.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import nevergrad as ng
 import numpy as np
 
 from .space import close, decode, encode, optimizer, space
+
+logger = logging.getLogger(__name__)
 
 
 def plan(budget: int, recompute: Sequence[float]) -> list[tuple[int, int]]:
@@ -45,6 +48,12 @@ class BucketSweep:
         self.shape = (n_buckets, n_units)
         self.parametrization = space(kind, n_buckets, n_units, gate_range, seed)
         self.stages = plan(budget, recompute)
+        short = min(n for _, n in self.stages)
+        if kind == "gates" and short < n_units + 2:
+            # COBYLA (NGOpt's pick for bounded gates) spends its first n + 2 evaluations probing one unit at a time
+            logger.warning("sweep: the smallest stage gets %d evaluations for %d units; a budget of about %d lets "
+                           "every stage go past probing one unit at a time", short, n_units,
+                           int(np.ceil((n_units + 2) / short * (budget + 1))))
         self.best = np.ones(self.shape)
         self.best_loss = float("inf")
         self.stage = -1

@@ -49,3 +49,10 @@ def test_spent_sweep_refuses_to_ask():
         opt.tell(c, float(np.sum(c.value)))
     with pytest.raises(RuntimeError, match="budget is spent"):
         opt.ask()
+
+
+def test_small_budget_is_named(caplog):
+    close(BucketSweep(None, "gates", 4, 32, budget=299, recompute=RECOMPUTE))
+    assert "sweep:" not in caplog.text  # 37 evaluations for the first stage: enough for 32 units
+    close(BucketSweep(None, "gates", 4, 32, budget=39, recompute=RECOMPUTE))
+    assert "the smallest stage gets 4 evaluations for 32 units; a budget of about 340" in caplog.text
