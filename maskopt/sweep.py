@@ -51,7 +51,7 @@ class BucketSweep:
         short = min(n for _, n in self.stages)
         if kind == "gates" and short < n_units + 2:
             # COBYLA (NGOpt's pick for bounded gates) spends its first n + 2 evaluations probing one unit at a time
-            logger.warning("sweep: the smallest stage gets %d evaluations for %d units; a budget of about %d lets "
+            logger.warning("the smallest stage of the sweep gets %d evaluations for %d units; a budget of about %d lets "
                            "every stage go past probing one unit at a time", short, n_units,
                            int(np.ceil((n_units + 2) / short * (budget + 1))))
         self.best = np.ones(self.shape)

@@ -53,6 +53,6 @@ def test_spent_sweep_refuses_to_ask():
 
 def test_small_budget_is_named(caplog):
     close(BucketSweep(None, "gates", 4, 32, budget=299, recompute=RECOMPUTE))
-    assert "sweep:" not in caplog.text  # 37 evaluations for the first stage: enough for 32 units
+    assert "smallest stage" not in caplog.text  # 37 evaluations for the first stage: enough for 32 units
     close(BucketSweep(None, "gates", 4, 32, budget=39, recompute=RECOMPUTE))
-    assert "the smallest stage gets 4 evaluations for 32 units; a budget of about 340" in caplog.text
+    assert "the smallest stage of the sweep gets 4 evaluations for 32 units; a budget of about 340" in caplog.text
