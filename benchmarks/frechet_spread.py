@@ -14,6 +14,7 @@ import argparse
 import numpy as np
 import torch
 
+from maskopt.config import resolve
 from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward, frechet_distance
 from maskopt.evaluate import Evaluator
@@ -29,7 +30,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10, help="seeds per set")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    pipe = load_pipeline(None)
+    cfg = resolve(None)  # the embedded default's recipe: its sampler settings
+    pipe = load_pipeline(None, scheduler=cfg.scheduler)
     prompts = read_prompts(HOLDOUT_PROMPTS_PATH)
     masks = [MaskSet.load(p, unet=pipe.unet) for p in args.masks]
     rows = [("baseline", masks[0], np.ones_like(masks[0].values))] + [(p, m, m.values) for p, m in zip(args.masks, masks)]
@@ -38,7 +40,7 @@ def main() -> None:
         fds = []
         for k in range(args.sets):
             seeds = range(1000 + k * args.seeds, 1000 + (k + 1) * args.seeds)
-            ev = Evaluator(pipe, reward, template, prompts, seeds, 15, 1.0)  # the embedded default's sampler
+            ev = Evaluator(pipe, reward, template, prompts, seeds, cfg.steps, cfg.guidance, cfg.size)
             fds.append(frechet_distance(ev(values, keep_images=True).images))
         print(f"{name}: Frechet per set {' '.join(f'{f:.3f}' for f in fds)}; mean {np.mean(fds):.3f}, "
               f"sd {np.std(fds, ddof=1):.3f}")

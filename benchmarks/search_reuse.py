@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
@@ -62,7 +63,7 @@ def main() -> None:
     lines = journal.read_text().splitlines()
     header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.strip()]
     cfg = SearchConfig(**{**header["config"], "gate_range": tuple(header["config"]["gate_range"])})
-    inputs = prepare(SearchConfig(**{**cfg.to_dict(), "gate_range": cfg.gate_range, "out": tempfile.mkdtemp()}))
+    inputs = prepare(dataclasses.replace(cfg, out=tempfile.mkdtemp()))  # the prompts and reward spec it names
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
     units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
     assert [u.to_dict() for u in units] == header["units"], "the journal is for other units"

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import click
 
+from .config import STRATEGIES
 from .errors import MaskoptError
 
 MODEL_HELP = "Hub id or local folder of a diffusers pipeline (or U-Net); default: the embedded digits pipeline."
@@ -81,7 +82,7 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--buckets", type=int, default=None, help="Number of timestep buckets K.")
 @click.option("--budget", type=int, default=None, help="Evaluations, the baseline included.")
 @click.option("--optimizer", default=None, help="nevergrad optimizer name (default per space).")
-@click.option("--strategy", type=click.Choice(["sweep", "joint"]), default=None,
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
               help="joint (default): one optimizer over every bucket at once; sweep: one bucket at a time, "
               "first-visited first, about 1.8x the evaluations per minute with trajectory reuse.")
 @click.option("--workers", type=int, default=None, help="Candidates asked at once.")

@@ -29,7 +29,7 @@ class LinearBias(nn.Module):
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
         self.out_features = layer.out_features
-        bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device)
+        bias = layer.bias.detach().clone() if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Conv2dBias(nn.Module):
         self.padding, self.dilation = layer.padding, layer.dilation
         if isinstance(self.padding, str):
             raise NotImplementedError("string padding")  # diffusers U-Nets use integer padding
-        bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_channels, dtype=layer.weight.dtype, device=layer.weight.device)
+        bias = layer.bias.detach().clone() if layer.bias is not None else layer.weight.new_zeros(layer.out_channels)
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -209,7 +209,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
 
 
 def _optimizer(cfg: SearchConfig, n_buckets: int, n_units: int, recompute: list[float]) -> Any:
-    """The search's optimizer: the bucket sweep (default) or one nevergrad optimizer over every bucket at once."""
+    """The search's optimizer: one nevergrad optimizer over every bucket at once (joint), or the bucket sweep."""
     if cfg.strategy == "sweep":
         return BucketSweep(cfg.optimizer, cfg.space, n_buckets, n_units, cfg.budget - 1, recompute,
                            cfg.workers, cfg.gate_range, cfg.seed)
