@@ -56,3 +56,23 @@ def test_small_budget_is_named(caplog):
     assert "smallest stage" not in caplog.text  # 37 evaluations for the first stage: enough for 32 units
     close(BucketSweep(None, "gates", 4, 32, budget=39, recompute=RECOMPUTE))
     assert "the smallest stage of the sweep gets 4 evaluations for 32 units; a budget of about 340" in caplog.text
+
+
+def test_stage_gains_files_each_evaluation_under_its_first_changed_bucket():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("stage_gains", Path(__file__).parents[1] / "benchmarks" / "stage_gains.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ones = np.ones((4, 2))
+    b3, b3b0, b3b0b2 = ones.copy(), ones.copy(), ones.copy()
+    b3[3] = b3b0[3] = b3b0b2[3] = 0.8
+    b3b0[0] = b3b0b2[0] = 1.2
+    b3b0b2[2] = 0.9
+    entry = lambda v, r, calls: {"values": v.tolist(), "reward": r, "failed": False, "unet_calls": calls}
+    g = mod.groups([entry(ones, 0.5, 15), entry(b3, 0.6, 15), entry(b3b0, 0.55, 4), entry(b3b0b2, 0.7, 8)])
+    # b3b0 is compared with the best so far (b3): only bucket 0 differs, and it did not improve
+    assert g == {"bucket 3": {"evaluations": 1, "unet_calls": 15, "gain": pytest.approx(0.1)},
+                 "bucket 0": {"evaluations": 1, "unet_calls": 4, "gain": 0.0},
+                 "several, from 2": {"evaluations": 1, "unet_calls": 8, "gain": pytest.approx(0.1)}}
