@@ -73,6 +73,6 @@ def test_stage_gains_files_each_evaluation_under_its_first_changed_bucket():
     entry = lambda v, r, calls: {"values": v.tolist(), "reward": r, "failed": False, "unet_calls": calls}
     g = mod.groups([entry(ones, 0.5, 15), entry(b3, 0.6, 15), entry(b3b0, 0.55, 4), entry(b3b0b2, 0.7, 8)])
     # b3b0 is compared with the best so far (b3): only bucket 0 differs, and it did not improve
-    assert g == {"bucket 3": {"evaluations": 1, "unet_calls": 15, "gain": pytest.approx(0.1)},
-                 "bucket 0": {"evaluations": 1, "unet_calls": 4, "gain": 0.0},
-                 "several, from 2": {"evaluations": 1, "unet_calls": 8, "gain": pytest.approx(0.1)}}
+    assert g == {"bucket 3": {"evaluations": 1, "unet_calls": 15, "gain": pytest.approx(0.1), "to_90": 1},
+                 "bucket 0": {"evaluations": 1, "unet_calls": 4, "gain": 0.0, "to_90": 0},
+                 "several, from 2": {"evaluations": 1, "unet_calls": 8, "gain": pytest.approx(0.1), "to_90": 1}}
