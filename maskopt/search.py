@@ -27,7 +27,7 @@ from .evaluate import Evaluation, Evaluator, TrajectoryCache
 from .journal import Journal, read
 from .maskset import MaskSet
 from .prompts import read_prompts
-from .space import DEFAULT_OPTIMIZER, close, decode, encode, optimizer, space
+from .space import DEFAULT_OPTIMIZER, close, decode, encode, optimizer, space, tell
 from .sweep import BucketSweep
 from .stats import Paired, paired
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 FAILED_LOSS = 1e6  # a candidate whose reward is NaN/inf: scored as failed, the search goes on
 HOLDOUT_SEED0 = 1000  # validation seeds start here, far from the search seeds 0..S-1
+MAX_REPEATS = 1000  # already-evaluated proposals in a row after which a search counts as converged
 
 
 @dataclass
@@ -169,13 +170,12 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     try:
         if not entries:  # the baseline first: it is always a candidate
             ones = np.ones((len(buckets), len(units)))
-            opt.tell(opt.parametrization.spawn_child(new_value=encode(ones, cfg.space)), _loss(record(ones, evaluator(ones))))
-        while len(entries) < cfg.budget:
-            asked = pending or [opt.ask() for _ in range(min(cfg.workers, cfg.budget - len(entries)))]
-            pending = []
-            for cand in asked:
-                values = decode(cand.value, len(buckets), len(units))
-                opt.tell(cand, _loss(record(values, evaluator(values))))
+            baseline = opt.parametrization.spawn_child(new_value=encode(ones, cfg.space))
+            tell(opt, baseline, _loss(record(ones, evaluator(ones))), cfg.space)
+        evaluate = lambda values: _loss(record(values, evaluator(values)))
+        if not ask_loop(opt, cfg, (len(buckets), len(units)), entries, pending, evaluate):
+            logger.warning("the optimizer proposed only evaluated candidates %d times in a row: stopping at %d of %d "
+                           "evaluations", MAX_REPEATS, len(entries), cfg.budget)
     finally:
         journal.close()
         close(opt)
@@ -241,28 +241,63 @@ def _replay(make: Callable[[], Any], entries: list[dict], cfg: SearchConfig) -> 
         raise
 
 
+def ask_loop(opt: Any, cfg: SearchConfig, shape: tuple[int, int], entries: list[dict], pending: list,
+             evaluate: Callable[[np.ndarray], float]) -> bool:
+    """Ask, evaluate and tell until `entries` holds `cfg.budget` evaluations; False if it stopped early.
+
+    `evaluate` scores values and appends their journal entry. A candidate that was evaluated already is told
+    its known loss instead, and does not count (the objective is exact); an optimizer that proposes nothing
+    new `MAX_REPEATS` times in a row has converged, and the loop stops there.
+    """
+    known = {_key(e["values"]): _loss(e) for e in entries}
+    repeats = 0
+    while len(entries) < cfg.budget:
+        asked = pending or [opt.ask() for _ in range(min(cfg.workers, cfg.budget - len(entries)))]
+        pending = []
+        for cand in asked:
+            values = decode(cand.value, *shape)
+            if _key(values) in known:
+                tell(opt, cand, known[_key(values)], cfg.space)
+                repeats += 1
+                if repeats >= MAX_REPEATS:
+                    return False
+                continue
+            repeats = 0
+            known[_key(values)] = loss = evaluate(values)
+            tell(opt, cand, loss, cfg.space)
+    return True
+
+
 def _ask_along(opt: Any, entries: list[dict], cfg: SearchConfig) -> list | None:
-    """Ask and tell along the journal; the candidates asked past its end, or None if an ask differs from it."""
+    """Ask and tell along the journal as `ask_loop` did; the candidates asked past its end, or None if an ask differs."""
     pending: list = []
     if entries:
         _tell(opt, entries[0], cfg.space)  # the baseline, evaluated before the first ask
+    known = {_key(e["values"]): _loss(e) for e in entries[:1]}
     i = 1
     while i < len(entries) and i < cfg.budget:
         for cand in [opt.ask() for _ in range(min(cfg.workers, cfg.budget - i))]:
-            if i >= len(entries):
-                pending.append(cand)  # asked in the first run too, but never evaluated: evaluate it now
-            elif np.array_equal(np.asarray(cand.value, dtype=float).ravel(), np.ravel(entries[i]["values"])):
-                _tell(opt, entries[i], cfg.space, cand)
+            values = np.asarray(cand.value, dtype=float).ravel()
+            if i >= len(entries) or pending:
+                pending.append(cand)  # asked in the first run too, but not handled: `ask_loop` handles it now
+            elif _key(values) in known:
+                tell(opt, cand, known[_key(values)], cfg.space)  # evaluated already: told, not journaled
+            elif np.array_equal(values, np.ravel(entries[i]["values"])):
+                tell(opt, cand, _loss(entries[i]), cfg.space)
+                known[_key(values)] = _loss(entries[i])
                 i += 1
             else:
                 return None
     return pending
 
 
-def _tell(opt: Any, entry: dict, kind: str, cand: Any = None) -> None:
-    if cand is None:
-        cand = opt.parametrization.spawn_child(new_value=encode(np.asarray(entry["values"]), kind))
-    opt.tell(cand, _loss(entry))
+def _key(values: Any) -> bytes:
+    return np.asarray(values, dtype=np.float64).ravel().tobytes()
+
+
+def _tell(opt: Any, entry: dict, kind: str) -> None:
+    """Tell a journaled evaluation as a point the optimizer did not ask."""
+    tell(opt, opt.parametrization.spawn_child(new_value=encode(np.asarray(entry["values"]), kind)), _loss(entry), kind)
 
 
 def _loss(entry: dict) -> float:

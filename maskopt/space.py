@@ -5,7 +5,12 @@
     param.spawn_child(new_value=encode(values, "gates"))     # back again (journal replay, suggestions)
 
 `binary` and `groups` are 0/1 per (bucket, unit) (`groups` on channel-group units); `gates` are
-continuous scales in a bounded range around 1.
+continuous scales in a bounded range around 1. Every parametrization starts at all ones (the baseline).
+
+The objective is exact: the same seeds serve every candidate, so evaluating a candidate twice gives the
+same loss. nevergrad's discrete (1+1) family assumes noise instead and distrusts a point told once (a
+variance prior of 1e6), so a point told twice would beat every better point told once. `tell` therefore
+tells each result of a discrete space twice, and the search never evaluates a candidate twice.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from .errors import MaskoptError
 warnings.filterwarnings("ignore", message="COBYLA: Invalid (RHOEND|MAXFUN)", category=UserWarning)
 
 SPACES = ("binary", "gates", "groups")
-DEFAULT_OPTIMIZER = {"binary": "DiscreteLenglerOnePlusOne", "groups": "DiscreteLenglerOnePlusOne", "gates": "NGOpt"}
+DEFAULT_OPTIMIZER = {"binary": "DiscreteOnePlusOne", "groups": "DiscreteOnePlusOne", "gates": "NGOpt"}
 
 
 def space(kind: str, n_buckets: int, n_units: int, gate_range: tuple[float, float] = (0.75, 1.25), seed: int = 0) -> ng.p.Parameter:
@@ -36,7 +41,10 @@ def space(kind: str, n_buckets: int, n_units: int, gate_range: tuple[float, floa
             raise MaskoptError(f"gate range {lo}:{hi} must hold 1 and lie within [0, 2]")
         param = ng.p.Array(init=np.ones(n), lower=lo, upper=hi)
     else:
-        param = ng.p.Choice([0.0, 1.0], repetitions=n)
+        # deterministic: the value is the likeliest choice. The default (False) draws every value at random
+        # from the softmax of its weights, so each candidate removed about a third of the units at random.
+        param = ng.p.Choice([0.0, 1.0], repetitions=n, deterministic=True)
+        param.value = encode(np.ones(n), kind)
     param.random_state = np.random.RandomState(seed)
     return param
 
@@ -60,6 +68,19 @@ def optimizer(name: str | None, param: ng.p.Parameter, kind: str, budget: int, w
             + (f" (close: {', '.join(close)})" if close else " (e.g. NGOpt, CMA, DiscreteOnePlusOne, TwoPointsDE)")
         )
     return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=workers)
+
+
+def tell(opt: Any, cand: ng.p.Parameter, loss: float, kind: str) -> None:
+    """Tell a new result; twice for the discrete spaces, so that it counts as exact (see the module docstring).
+
+    Only nevergrad's own optimizers get the second tell; the bucket sweep tells its stage optimizers itself.
+    """
+    opt.tell(cand, loss)
+    if kind != "gates" and isinstance(opt, ng.optimizers.base.Optimizer):
+        try:
+            opt.tell(cand, loss)
+        except ng.errors.TellNotAskedNotSupportedError:  # optimizers that cannot take it (scipy's) keep one
+            pass
 
 
 def close(opt: Any) -> None:

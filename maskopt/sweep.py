@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import nevergrad as ng
 import numpy as np
 
-from .space import close, decode, encode, optimizer, space
+from .space import close, decode, encode, optimizer, space, tell
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class BucketSweep:
         self._opt: Any = None
         self._asked = self._told = 0
         self._pending: dict[str, Any] = {}  # uid of a full candidate -> the stage optimizer's own candidate
+        self._known: dict[bytes, float] = {}  # every evaluated candidate's values -> its loss
         self._next_stage()
 
     @property
@@ -88,15 +89,15 @@ class BucketSweep:
             self._next_stage()
             return self.ask()
         k = self.bucket  # asks go past the stage's share only while its tells are pending (workers > 1)
-        for _ in range(100):
+        for _ in range(1000):
             sub = self._opt.ask()
-            row = decode(sub.value, 1, self.shape[1])[0]
-            if not (np.array_equal(row, self.best[k]) and np.isfinite(self.best_loss)):
+            values = self.best.copy()
+            values[k] = decode(sub.value, 1, self.shape[1])[0]
+            if values.tobytes() not in self._known:
                 break
-            self._opt.tell(sub, self.best_loss)  # the best so far, already evaluated: no need to spend budget
+            # evaluated already (the stage's first ask is the best so far): its loss is known, no budget spent
+            tell(self._opt, sub, self._known[values.tobytes()], self.kind)
         self._asked += 1
-        values = self.best.copy()
-        values[k] = row
         cand = self.parametrization.spawn_child(new_value=encode(values, self.kind))
         self._pending[cand.uid] = sub
         return cand
@@ -105,12 +106,13 @@ class BucketSweep:
         values = decode(cand.value, *self.shape)
         sub = self._pending.pop(cand.uid, None)
         if sub is not None:
-            self._opt.tell(sub, loss)
+            tell(self._opt, sub, loss, self.kind)
             self._told += 1
         elif self._opt is not None:  # not asked (the baseline, a journal replay): what the stage can use
             k = self.bucket
             if np.array_equal(np.delete(values, k, axis=0), np.delete(self.best, k, axis=0)):
                 row = self._opt.parametrization.spawn_child(new_value=encode(values[k:k + 1], self.kind))
-                self._opt.tell(row, loss)
+                tell(self._opt, row, loss, self.kind)
+        self._known.setdefault(values.tobytes(), loss)
         if loss < self.best_loss:
             self.best, self.best_loss = values, loss

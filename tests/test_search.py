@@ -15,9 +15,12 @@ from click.testing import CliRunner
 
 from maskopt import Buckets, MaskSet, find_units
 from maskopt.cli import main
+from maskopt.config import SearchConfig
 from maskopt.evaluate import Evaluator, TrajectoryCache
 from maskopt.models import load_pipeline
 from maskopt.rewards import load_reward
+from maskopt.search import _optimizer, ask_loop
+from maskopt.space import close, encode, tell
 from tiny import tiny_pipeline
 
 TESTS = Path(__file__).parent
@@ -57,7 +60,8 @@ def test_search_end_to_end(pipe_dir, prompts, tmp_path, caplog):
     best = max(entries, key=lambda e: e["objective"])
     assert np.array_equal(masks.values, np.asarray(best["values"]))  # the best candidate, baseline included
     prov = masks.provenance
-    assert prov["reward"] == "python:reward_fns:brightness" and prov["optimizer"] == "DiscreteLenglerOnePlusOne"
+    assert prov["reward"] == "python:reward_fns:brightness" and prov["optimizer"] == "DiscreteOnePlusOne"
+    assert len({str(e["values"]) for e in entries}) == 6  # no candidate evaluated twice
     assert {"diff", "ci_low", "ci_high", "n"} <= prov["holdout"].keys() and prov["holdout"]["n"] == 4
     report = (out / "report.md").read_text()
     assert "95% CI" in report
@@ -231,15 +235,19 @@ def test_search_on_an_sdxl_pipeline(tmp_path, prompts):
     assert len(masks.units) == len(find_units(pipe.unet, "paper")) == 32
 
 
-@pytest.mark.parametrize("strategy", ["joint", "sweep"])
-def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strategy):
-    """The journal is replayed by asking as the first run asked: the resumed search is the uninterrupted one."""
+@pytest.mark.parametrize("strategy,space", [("joint", "gates"), ("sweep", "gates"), ("joint", "binary")])
+def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strategy, space):
+    """The journal is replayed by asking as the first run asked: the resumed search is the uninterrupted one.
+
+    binary: DiscreteOnePlusOne proposes evaluated candidates again and again, which are told, not journaled.
+    """
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9", "--strategy", strategy)).exit_code == 0
+    strategy = (strategy, "--space", space)
+    assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9", "--strategy", *strategy)).exit_code == 0
     lines = (whole / "journal.jsonl").read_text().splitlines()
     cut.mkdir()
     (cut / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")  # killed after 4 evaluations
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", "--strategy", strategy, "--resume"))
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", "--strategy", *strategy, "--resume"))
     assert r.exit_code == 0, r.output
     # the same candidates and rewards (not the same timings or cache hits: the resumed run starts a new cache)
     strip = lambda e: {k: v for k, v in json.loads(e).items() if k not in ("seconds", "cache_hits", "unet_calls")}
@@ -248,7 +256,7 @@ def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strateg
     more = tmp_path / "more"
     more.mkdir()
     (more / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, more, "--budget", "9", "--strategy", strategy, "--workers", "2", "--resume"))
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, more, "--budget", "9", "--strategy", *strategy, "--workers", "2", "--resume"))
     assert r.exit_code == 0, r.output
     assert len((more / "journal.jsonl").read_text().splitlines()) == 10
 
@@ -268,3 +276,32 @@ def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path)
     assert all(np.array_equal(v[1], late[0][1]) for v in late)  # stage 2 holds bucket 1 at the best so far
     # 4 DDIM steps, 2 per bucket: every candidate of stage 2 replays bucket 1's 2 steps from the cache
     assert all(e["cache_hits"] == 2 and e["unet_calls"] == 2 for e in entries[first:])
+
+
+@pytest.mark.parametrize("strategy", ["joint", "sweep"])
+def test_binary_search_finds_the_units_worth_removing(strategy):
+    """A toy objective shaped like a mask search: removing most units costs reward, removing three gains it.
+
+    Before the binary space was deterministic, every candidate removed about a third of the units at random
+    and none beat all ones; nevergrad's (1+1) also needs each exact result told twice to move its parent.
+    """
+    shape, good = (3, 16), [(0, 3), (1, 7), (2, 11)]
+    gain = -np.ones(shape)
+    for k, u in good:
+        gain[k, u] = 1.0
+    objective = lambda v: -float((gain * (1 - v)).sum())  # a loss
+    cfg = SearchConfig(space="binary", strategy=strategy, budget=120, buckets=3)
+    opt = _optimizer(cfg, *shape, recompute=[1 / 3, 2 / 3, 1.0])
+    entries: list[dict] = []
+
+    def evaluate(values):
+        entries.append({"values": values.tolist(), "failed": False, "objective": -objective(values)})
+        return objective(values)
+
+    ones = np.ones(shape)
+    tell(opt, opt.parametrization.spawn_child(new_value=encode(ones, "binary")), evaluate(ones), "binary")
+    assert ask_loop(opt, cfg, shape, entries, [], evaluate)
+    close(opt)
+    assert len(entries) == 120 and len({str(e["values"]) for e in entries}) == 120  # nothing evaluated twice
+    best = np.asarray(max(entries, key=lambda e: e["objective"])["values"])
+    assert sum(best[k, u] == 0 for k, u in good) >= 2 and (best == 0).sum() <= 4
