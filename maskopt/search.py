@@ -5,9 +5,11 @@
 
 The loop is nevergrad's ask/tell: a candidate is one value per (bucket, unit); its loss is minus
 (mean reward over prompts x seeds + sparsity bonus). The all-ones baseline is evaluated first and
-stays a candidate. Every evaluation is journaled before the next starts, so `--resume` replays the
-journal into a fresh optimizer and continues. The best candidate and the baseline are then compared
-on held-out prompts and unseen seeds; the gain is reported only when its 95% interval excludes 0.
+stays a candidate. The objective is exact (the same seeds for every candidate), so a candidate the
+optimizer proposes again is told its known loss and costs no budget. Every evaluation is journaled
+before the next starts, so `--resume` replays the journal into a fresh optimizer and continues. The
+best candidate and the baseline are then compared on held-out prompts and unseen seeds; the gain is
+reported only when its 95% interval excludes 0.
 """
 
 from __future__ import annotations
