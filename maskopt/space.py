@@ -71,7 +71,7 @@ def optimizer(name: str | None, param: ng.p.Parameter, kind: str, budget: int, w
 
 
 def tell(opt: Any, cand: ng.p.Parameter, loss: float, kind: str) -> None:
-    """Tell a new result; twice for the discrete spaces, so that it counts as exact (see the module docstring).
+    """Tell a result; twice for the discrete spaces, so that it counts as exact (see the module docstring).
 
     Only nevergrad's own optimizers get the second tell; the bucket sweep tells its stage optimizers itself.
     """
