@@ -305,3 +305,16 @@ def test_binary_search_finds_the_units_worth_removing(strategy):
     assert len(entries) == 120 and len({str(e["values"]) for e in entries}) == 120  # nothing evaluated twice
     best = np.asarray(max(entries, key=lambda e: e["objective"])["values"])
     assert sum(best[k, u] == 0 for k, u in good) >= 2 and (best == 0).sum() <= 4
+
+
+def test_groups_space_searches_channel_groups(pipe_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "5", "--space", "groups"))
+    assert r.exit_code == 0, r.output
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["optimizer"] == "DiscreteOnePlusOne" and all(u["kind"] == "group" for u in header["units"])
+    values = np.asarray([e["values"] for e in entries])
+    assert set(np.unique(values)) <= {0.0, 1.0} and len({v.tobytes() for v in values}) == 5
+    # one or a few groups off per candidate, not a third of them (the stochastic Choice did that)
+    assert all((v == 0).sum() <= 3 for v in values[1:])
