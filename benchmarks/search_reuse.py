@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import tempfile
 import time
@@ -28,6 +27,7 @@ import torch
 from maskopt.buckets import Buckets
 from maskopt.config import SearchConfig, resolve
 from maskopt.evaluate import Evaluator, TrajectoryCache
+from maskopt.journal import read
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline
 from maskopt.prompts import read_prompts
@@ -60,8 +60,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     journal = args.journal or search_journal(args)
-    lines = journal.read_text().splitlines()
-    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.strip()]
+    header, entries, _ = read(journal)
     cfg = SearchConfig(**{**header["config"], "gate_range": tuple(header["config"]["gate_range"])})
     inputs = prepare(dataclasses.replace(cfg, out=tempfile.mkdtemp()))  # the prompts and reward spec it names
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)

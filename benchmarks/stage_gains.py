@@ -4,10 +4,10 @@
 
 Every evaluation is filed under the first visited bucket (highest timesteps first) in which it differs from
 the best candidate so far: that is where trajectory reuse stops, so it sets how many U-Net calls the
-evaluation had to run. Per group: evaluations, U-Net calls run (from the journal), and the search reward
-the group added to the best (the sum of its improvements), and after how many of its own evaluations it
-had 90% of that. The sweep's groups are its stages; the joint
-search's are mostly "several" (it moves every bucket at once).
+evaluation had to run. Per group: evaluations, U-Net calls run (from the journal), the search reward the
+group added to the best (the sum of its improvements), and after how many of its own evaluations it had
+90% of that. The sweep's groups are its stages; the joint search's are mostly "several" (it moves every
+bucket at once).
 
 Why it exists: the only way to replay a larger share of U-Net calls is to spend more evaluations in the
 late buckets, which are cheap. This shows what those evaluations bought.
@@ -24,7 +24,7 @@ from maskopt.journal import read
 
 
 def groups(entries: list[dict]) -> dict[str, dict]:
-    """{group: evaluations, U-Net calls run, reward gain}; group = the first visited bucket that differs."""
+    """{group: evaluations, unet_calls, gain, to_90}; group = the first visited bucket that differs."""
     out: dict[str, dict] = {}
     best = np.asarray(entries[0]["values"])
     best_reward = entries[0]["reward"]

@@ -43,14 +43,19 @@ def args(pipe_dir, prompts, out, *extra):
             "--buckets", "2", "--steps", "4", "--seeds", "1", "--holdout-seeds", "2", "--out", str(out), *extra]
 
 
+def journal(out: Path) -> tuple[dict, list[dict]]:
+    """A search folder's journal: header and entries, every line parsed (a torn line fails the test)."""
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    return json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+
+
 def test_search_end_to_end(pipe_dir, prompts, tmp_path, caplog):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "6", "--space", "binary"))
     assert r.exit_code == 0, r.output
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(f"masks: {out / 'masks.json'}") and "held-out" in last
-    lines = (out / "journal.jsonl").read_text().splitlines()
-    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    header, entries = journal(out)
     assert header["config"]["space"] == "binary" and len(entries) == 6
     assert entries[0]["values"] == [[1.0] * len(entries[0]["values"][0])] * 2  # the baseline first
     assert all(len(e["rewards"]) == 2 for e in entries)  # per prompt: the duplicate was kept once
@@ -145,7 +150,7 @@ def test_nan_rewards_are_failed_candidates(pipe_dir, prompts, tmp_path):
 
     reward_fns._calls["n"] = 0
     r = CliRunner().invoke(main, a)
-    entries = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()[1:]]
+    _, entries = journal(out)
     assert [e["failed"] for e in entries] == [False, True, False, True, False]
     # the held-out check then hits a NaN too (call 6): no mask file, a one-line error
     assert r.exit_code != 0 and "NaN" in r.output and not (out / "masks.json").exists()
@@ -266,8 +271,7 @@ def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path)
     out = tmp_path / "run"
     r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "9", "--strategy", "sweep"))
     assert r.exit_code == 0, r.output
-    lines = (out / "journal.jsonl").read_text().splitlines()
-    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    header, entries = journal(out)
     assert header["strategy"] == "sweep"
     values = [np.asarray(e["values"]) for e in entries]
     first = next(i for i, v in enumerate(values) if not np.all(v[0] == 1))  # bucket 0: lowest timesteps, visited last
@@ -311,8 +315,7 @@ def test_groups_space_searches_channel_groups(pipe_dir, prompts, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "5", "--space", "groups"))
     assert r.exit_code == 0, r.output
-    lines = (out / "journal.jsonl").read_text().splitlines()
-    header, entries = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    header, entries = journal(out)
     assert header["optimizer"] == "DiscreteOnePlusOne" and all(u["kind"] == "group" for u in header["units"])
     values = np.asarray([e["values"] for e in entries])
     assert set(np.unique(values)) <= {0.0, 1.0} and len({v.tobytes() for v in values}) == 5
