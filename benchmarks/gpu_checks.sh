@@ -2,7 +2,8 @@
 # The GPU checks, as one command for a lent GPU machine (about 6-8 minutes on one H100/H200):
 #   1. `maskopt search` on CUDA (fp32, then fp16) on the embedded default, short budget;
 #   2. `maskopt export --onnx` of the fp32 masks and `maskopt generate` on torch/CUDA vs onnxruntime;
-#   3. benchmarks/gpu_unet.py: SD1.5-shaped U-Net latency, baseline vs baked vs dropped, eager and compiled.
+#   3. benchmarks/gpu_unet.py: SD1.5-shaped U-Net latency, baseline vs baked vs dropped, eager and compiled;
+#   4. benchmarks/workers.py: --workers 4 and 8 (candidates per batch) against one at a time, on the GPU.
 # Usage: bash benchmarks/gpu_checks.sh OUT_DIR     (PYTHONPATH must reach maskopt, e.g. PYTHONPATH=.)
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR}
@@ -29,3 +30,4 @@ mse = ((a - b) ** 2).mean()
 print("generate torch on CUDA vs onnxruntime (CPU provider): PSNR", "inf" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.1f} dB")
 PY
 [ "$dev" = cuda ] && python3 benchmarks/gpu_unet.py --budget 300
+[ "$dev" = cuda ] && python3 benchmarks/workers.py --device cuda --workers 4 8 --candidates 32

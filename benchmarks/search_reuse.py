@@ -20,6 +20,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,6 +47,21 @@ def search_journal(args: argparse.Namespace) -> Path:
     return out / "journal.jsonl"
 
 
+def evaluators(cfg: SearchConfig, header: dict | None = None) -> Callable[[TrajectoryCache | None], Evaluator]:
+    """make(cache) -> an Evaluator of the search `cfg` describes (its model, units, buckets, prompts, seeds, reward)."""
+    inputs = prepare(dataclasses.replace(cfg, out=tempfile.mkdtemp(), resume=False))  # the prompts and reward spec
+    pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
+    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
+    buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
+    if header is not None:
+        assert [u.to_dict() for u in units] == header["units"], "the journal is for other units"
+        buckets = Buckets(tuple(tuple(r) for r in header["buckets"]), buckets.num_train_timesteps)
+    template = MaskSet.ones(pipe.unet, units, buckets)
+    reward = load_reward(inputs["reward"], cfg.device)
+    return lambda cache: Evaluator(pipe, reward, template, inputs["prompts"], range(cfg.seeds), cfg.steps,
+                                   cfg.guidance, cfg.size, cache, cfg.batch_size)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--journal", type=Path, default=None, help="time the candidates of this search instead")
@@ -62,15 +78,7 @@ def main() -> None:
     journal = args.journal or search_journal(args)
     header, entries, _ = read(journal)
     cfg = SearchConfig(**{**header["config"], "gate_range": tuple(header["config"]["gate_range"])})
-    inputs = prepare(dataclasses.replace(cfg, out=tempfile.mkdtemp()))  # the prompts and reward spec it names
-    pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
-    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
-    assert [u.to_dict() for u in units] == header["units"], "the journal is for other units"
-    buckets = Buckets(tuple(tuple(r) for r in header["buckets"]), int(pipe.scheduler.config.num_train_timesteps))
-    template = MaskSet.ones(pipe.unet, units, buckets)
-    reward = load_reward(inputs["reward"], cfg.device)
-    make = lambda cache: Evaluator(pipe, reward, template, inputs["prompts"], range(cfg.seeds), cfg.steps,
-                                   cfg.guidance, cfg.size, cache, cfg.batch_size)
+    make = evaluators(cfg, header)
     cached, plain = make(TrajectoryCache(SearchConfig.cache)), make(None)
 
     seconds = {"cached": 0.0, "plain": 0.0}

@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="*", default=None)
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--strategy", default=None, help="joint (default) or sweep")
+    ap.add_argument("--workers", type=int, default=None, help="candidates evaluated together")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -53,11 +54,12 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="maskopt-testbed-")
     cfg = resolve(args.recipe, budget=args.budget, out=out, space=args.space,
                   targets=tuple(args.targets) if args.targets else None, optimizer=args.optimizer,
-                  strategy=args.strategy)
+                  strategy=args.strategy, workers=args.workers)
     t0 = time.perf_counter()
     result = run_search(cfg)
     search_s = time.perf_counter() - t0
     print(f"search: {result.evaluations} evaluations in {search_s:.0f} s ({cfg.space}, {cfg.strategy}, {cfg.targets}, "
+          f"--workers {cfg.workers}, "
           f"K={cfg.buckets}, {cfg.steps} steps, guidance {cfg.guidance}) -> {result.masks_path}")
 
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)

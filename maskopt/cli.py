@@ -85,7 +85,7 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
               help="joint (default): one optimizer over every bucket at once; sweep: one bucket at a time, "
               "first-visited first, about 1.8x the evaluations per minute with trajectory reuse.")
-@click.option("--workers", type=int, default=None, help="Candidates asked at once.")
+@click.option("--workers", type=int, default=None, help="Candidates asked at once and evaluated together, in one batch.")
 @click.option("--seeds", type=int, default=None, help="Seeds per prompt (the same for every candidate).")
 @click.option("--steps", type=int, default=None)
 @click.option("--guidance", type=float, default=None)

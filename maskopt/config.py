@@ -33,7 +33,7 @@ class SearchConfig:
     budget: int = 100  # evaluations, the all-ones baseline included
     optimizer: str | None = None  # nevergrad registry name; None: the default for the space
     strategy: str = "joint"  # joint: one optimizer over every bucket; sweep: one bucket at a time (sweep.py)
-    workers: int = 1  # candidates asked at once
+    workers: int = 1  # candidates asked at once and evaluated in one batch
     seeds: int = 2  # sampling seeds 0..S-1 per prompt, the same for every candidate
     steps: int = 15
     guidance: float = 7.5

@@ -8,7 +8,12 @@ Trajectory reuse: the sampler visits buckets from high to low timestep, so the U
 depend only on the candidate's values in the buckets visited up to step i. `TrajectoryCache` keys every
 U-Net output by (step, values of the buckets visited so far); a candidate that agrees with an earlier one
 on its first j visited buckets replays those steps from the cache instead of running the U-Net, which
-is exactly starting from the cached latents at the start of bucket j. Results are bit for bit the same.
+is exactly starting from the cached latents at the start of bucket j. Results are bit for bit the same
+(for one candidate at a time; in a group, to float rounding, as the U-Net's batch differs).
+
+Several candidates (`--workers W`) can share the batch too: W copies of the prompts x seeds, each
+copy under its own masks (`per_sample`), each replaying its own cached steps. On a small U-Net this
+fills the hardware better than W runs of one candidate each.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 
 from .buckets import scalar_timestep
-from .masking import apply
+from .masking import apply, per_sample
 from .maskset import MaskSet
 
 logger = logging.getLogger(__name__)
@@ -74,35 +79,82 @@ class TrajectoryCache:
         while len(self._store) > self.max_entries:
             self._store.popitem(last=False)
 
-    @contextmanager
-    def replaying(self, unet: torch.nn.Module, masks: MaskSet, tag: Any = 0) -> Iterator[dict]:
-        """Patch `unet.forward` for one sampling run (`tag` names its batch): replay cached steps, record new ones."""
-        forward = unet.forward
-        rows = [tuple(r) for r in masks.values]
-        run = {"step": 0, "visited": [], "hits": 0, "calls": 0}
 
-        def cached_forward(sample, timestep, *args, **kwargs):
-            k = masks.buckets.index(scalar_timestep(timestep))
-            if not run["visited"] or run["visited"][-1] != k:
-                run["visited"].append(k)
-            key = (tag, run["step"], tuple(run["visited"]), tuple(rows[b] for b in run["visited"]))
-            run["step"] += 1
-            hit = self.get(key)
-            if hit is not None:
-                self.hits += 1
-                run["hits"] += 1
-                return _as_output(hit, kwargs.get("return_dict", True))
-            self.misses += 1
-            run["calls"] += 1
-            out = forward(sample, timestep, *args, **kwargs)
-            self.put(key, (out[0] if isinstance(out, tuple) else out.sample).detach())
-            return out
+@contextmanager
+def stepping(unet: torch.nn.Module, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
+             tag: Any = 0, gate: per_sample | None = None) -> Iterator[dict]:
+    """Patch `unet.forward` for one sampling run of `len(masksets)` candidates x `images` images each.
 
-        unet.forward = cached_forward
-        try:
-            yield run
-        finally:
-            del unet.forward  # back to the class's forward
+    The batch holds candidate 0's images, then candidate 1's, ... (twice over with classifier-free
+    guidance). Per step, a candidate whose output for this step and visited values is cached is
+    replayed; the others run through the U-Net together (with `gate` selecting their masks) and are
+    cached. `tag` names the chunk of images. Yields per-candidate counts of cache hits and U-Net calls.
+    """
+    forward = unet.forward
+    buckets = masksets[0].buckets
+    rows = [[tuple(r) for r in m.values] for m in masksets]
+    w = len(masksets)
+    run = {"step": 0, "visited": [], "hits": [0] * w, "calls": [0] * w}
+
+    def stepped(sample, timestep, *args, **kwargs):
+        k = buckets.index(scalar_timestep(timestep))
+        if not run["visited"] or run["visited"][-1] != k:
+            run["visited"].append(k)
+        visited = tuple(run["visited"])
+        keys = [(tag, run["step"], visited, tuple(rows[c][b] for b in visited)) for c in range(w)]
+        run["step"] += 1
+        big = sample.shape[0]
+        owner = torch.arange(big) % (w * images) // images
+        cached = [cache.get(key) if cache is not None else None for key in keys]
+        todo = [c for c in range(w) if cached[c] is None]
+        full = None
+        if todo:
+            if len(todo) == w:
+                sub, ts, a, kw, own = sample, timestep, args, kwargs, owner
+            else:
+                idx = torch.isin(owner, torch.tensor(todo)).nonzero().squeeze(1)
+                take = lambda x: _take(x, idx.to(sample.device), big)
+                sub, ts, a, kw, own = take(sample), take(timestep), take(args), take(kwargs), owner[idx]
+            if gate is not None:
+                gate.select(k, own)
+            out = forward(sub, ts, *a, **kw)
+            y = out[0] if isinstance(out, tuple) else out.sample
+            for c in todo:
+                run["calls"][c] += 1
+                if cache is not None:
+                    cache.misses += 1
+                    cache.put(keys[c], y[(own == c).to(y.device)].detach())
+            full = y if len(todo) == w else y.new_empty((big,) + y.shape[1:])
+            if len(todo) < w:
+                full[idx.to(y.device)] = y
+        for c in range(w):
+            if cached[c] is not None:
+                if w == 1:
+                    full = cached[c]
+                else:
+                    if full is None:
+                        full = cached[c].new_empty((big,) + cached[c].shape[1:])
+                    full[(owner == c).to(full.device)] = cached[c]
+                cache.hits += 1
+                run["hits"][c] += 1
+        return _as_output(full, kwargs.get("return_dict", True))
+
+    unet.forward = stepped
+    try:
+        yield run
+    finally:
+        del unet.forward  # back to the class's forward
+
+
+def _take(x: Any, idx: torch.Tensor, big: int) -> Any:
+    """x with its batch rows `idx` kept, for tensors (and tuples, dicts of them) whose first dim is the batch."""
+    if torch.is_tensor(x):
+        return x[idx] if x.dim() > 0 and x.shape[0] == big else x
+    if isinstance(x, dict):
+        return {k: _take(v, idx, big) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_take(v, idx, big) for v in x)
+    return x
 
 
 def _as_output(sample: torch.Tensor, return_dict: bool) -> Any:
@@ -137,42 +189,54 @@ class Evaluator:
         self.image_seeds = [s for s in self.seeds for _ in self.prompts]
 
     def __call__(self, values: np.ndarray, keep_images: bool = False) -> Evaluation:
+        return self.many([values], keep_images)[0]
+
+    def many(self, candidates: Sequence[np.ndarray], keep_images: bool = False) -> list[Evaluation]:
+        """Evaluate candidates together: each pipeline call holds every candidate's images (`--workers`).
+
+        One candidate runs under `apply` (its weights bit for bit those of `bake`); several share the
+        batch under `per_sample`, equal up to float rounding. `seconds` is the group's time split evenly.
+        """
         t0 = time.perf_counter()
-        masks = self.template.with_values(values)
-        hits = calls = 0
-        images = []
-        n = len(self.image_prompts)
+        masksets = [self.template.with_values(v) for v in candidates]
+        w, n = len(masksets), len(self.image_prompts)
         step = self.batch_size or n
-        with apply(self.pipe.unet, masks, check=False):
+        unet = self.pipe.unet
+        masking = apply(unet, masksets[0], check=False) if w == 1 else per_sample(unet, masksets)
+        hits, calls = [0] * w, [0] * w
+        images: list[list[torch.Tensor]] = [[] for _ in range(w)]
+        with masking:
             for start in range(0, n, step):
-                chunk = slice(start, start + step)
-                if self.cache is not None:
-                    with self.cache.replaying(self.pipe.unet, masks, tag=start) as run:
-                        images.append(self._sample(chunk))
-                    hits, calls = hits + run["hits"], calls + run["calls"]
-                else:
-                    images.append(self._sample(chunk))
-                    calls += self.steps
-        images_t = torch.cat(images)
+                m = min(step, n - start)
+                with stepping(unet, masksets, m, self.cache, start, masking if w > 1 else None) as run:
+                    out = self._sample(slice(start, start + m), w)
+                for c in range(w):
+                    images[c].append(out[c * m:(c + 1) * m])
+                    hits[c], calls[c] = hits[c] + run["hits"][c], calls[c] + run["calls"][c]
+        per = [torch.cat(chunks) for chunks in images]
         with torch.no_grad():
-            scores = self.reward(images_t, self.image_prompts).float().cpu()
-        rewards = [float(r) for r in scores]
-        finite = [r for r in rewards if math.isfinite(r)]
-        mean = float(np.mean(rewards)) if len(finite) == len(rewards) else float("nan")
-        return Evaluation(mean, rewards, time.perf_counter() - t0, hits, calls, images_t if keep_images else None)
+            scores = self.reward(torch.cat(per), self.image_prompts * w).float().cpu()
+        seconds = (time.perf_counter() - t0) / w
+        results = []
+        for c in range(w):
+            rewards = [float(r) for r in scores[c * n:(c + 1) * n]]
+            mean = float(np.mean(rewards)) if all(math.isfinite(r) for r in rewards) else float("nan")
+            results.append(Evaluation(mean, rewards, seconds, hits[c], calls[c], per[c] if keep_images else None))
+        return results
 
     @torch.no_grad()
-    def _sample(self, chunk: slice) -> torch.Tensor:
+    def _sample(self, chunk: slice, copies: int = 1) -> torch.Tensor:
+        """The chunk's images, `copies` times over (one copy per candidate), with the same latents in each."""
         device = self.pipe.unet.device
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in self.image_seeds[chunk]]
         kwargs = dict(height=self.size[0], width=self.size[1]) if self.size else {}
         # Latents drawn on the CPU per seed, so an image is the same on any device and in any batch.
         latents = self._latents(generators, kwargs).to(device)
         out = self.pipe(
-            self.image_prompts[chunk],
+            self.image_prompts[chunk] * copies,
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
-            latents=latents,
+            latents=latents.repeat(copies, *([1] * (latents.dim() - 1))),
             output_type="pt",
             **kwargs,
         )

@@ -98,6 +98,77 @@ class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
         logger.debug("loaded bucket %d weights (%d parameters scaled)", bucket, len(scales))
 
 
+class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1, m2]) as gate: ...`
+    """Run `unet` on a batch whose samples each use one of several mask sets (one batch, several candidates).
+
+    `apply` rewrites weights, so one batch can only see one mask set. Here the weights stay as they
+    are and forward hooks rescale the output of every touched layer per sample instead: a layer whose
+    weight rows are scaled by s_w and bias rows by s_b outputs s_w * (y - b) + s_b * b, where y is its
+    unmasked output. That is the same function; numbers agree with `apply` up to float rounding.
+    Call `gate.select(bucket, owner)` before each forward: owner[i] is the mask set of sample i.
+    """
+
+    def __init__(self, unet: nn.Module, masksets: list[MaskSet]) -> None:
+        self.unet, self.masksets = unet, masksets
+        self.bucket, self.owner = 0, torch.zeros(0, dtype=torch.long)
+        self._hooks: list[Any] = []
+        n, k = len(masksets), len(masksets[0].buckets)
+        per_param = [[bucket_scales(unet, m, b) for b in range(k)] for m in masksets]
+        touched = sorted({p.rsplit(".", 1)[0] for rows in per_param for s in rows for p in s})
+        self._layers: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        for name in touched:
+            layer = unet.get_submodule(name)
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+                raise MaskoptError(f"layer {name!r} is a {type(layer).__name__}: per-sample masks (--workers > 1) "
+                                   "scale nn.Linear and nn.Conv2d outputs only")
+            dtype, out = layer.weight.dtype, layer.weight.shape[0]
+            sw = torch.ones(k, n, out, dtype=dtype)
+            sb = torch.ones(k, n, out, dtype=dtype) if layer.bias is not None else None
+            for c in range(n):
+                for b in range(k):
+                    s = per_param[c][b]
+                    if f"{name}.weight" in s:
+                        sw[b, c] = s[f"{name}.weight"]
+                    if sb is not None and f"{name}.bias" in s:
+                        sb[b, c] = s[f"{name}.bias"]
+            active = (sw != 1).any(-1) | ((sb != 1).any(-1) if sb is not None else False)  # (k, n)
+            if sb is not None and torch.equal(sw, sb):
+                sb = None  # the whole output scales: no need to split off the bias
+            device = layer.weight.device
+            self._layers[name] = (layer, sw.to(device), None if sb is None else sb.to(device), active)
+
+    def __enter__(self) -> "per_sample":
+        for name, (layer, *_) in self._layers.items():
+            self._hooks.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def select(self, bucket: int, owner: torch.Tensor) -> None:
+        self.bucket, self.owner = bucket, owner
+
+    def _hook(self, name: str) -> Any:
+        layer, sw, sb, active = self._layers[name]
+
+        def hook(module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+            owner = self.owner
+            if not active[self.bucket][owner].any():
+                return None
+            owner = owner.to(y.device)
+            # output channels: dim 1 for Conv2d, the last dim for Linear
+            shape = (len(owner), -1, 1, 1) if isinstance(layer, nn.Conv2d) else (len(owner),) + (1,) * (y.dim() - 2) + (-1,)
+            w = sw[self.bucket][owner].view(shape)
+            if sb is None:
+                return y * w
+            b = layer.bias.view(shape[1:])
+            return (y - b) * w + b * sb[self.bucket][owner].view(shape)
+
+        return hook
+
+
 def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check: bool = True) -> nn.Module:
     """A standalone copy of `unet` with bucket `bucket`'s values folded into its weights.
 

@@ -174,7 +174,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
             ones = np.ones((len(buckets), len(units)))
             baseline = opt.parametrization.spawn_child(new_value=encode(ones, cfg.space))
             tell(opt, baseline, _loss(record(ones, evaluator(ones))), cfg.space)
-        evaluate = lambda values: _loss(record(values, evaluator(values)))
+        evaluate = lambda group: [_loss(record(v, ev)) for v, ev in zip(group, evaluator.many(group))]
         if not ask_loop(opt, cfg, (len(buckets), len(units)), entries, pending, evaluate):
             logger.warning("the optimizer proposed only evaluated candidates %d times in a row: stopping at %d of %d "
                            "evaluations", MAX_REPEATS, len(entries), cfg.budget)
@@ -244,29 +244,29 @@ def _replay(make: Callable[[], Any], entries: list[dict], cfg: SearchConfig) -> 
 
 
 def ask_loop(opt: Any, cfg: SearchConfig, shape: tuple[int, int], entries: list[dict], pending: list,
-             evaluate: Callable[[np.ndarray], float]) -> bool:
+             evaluate: Callable[[list[np.ndarray]], list[float]]) -> bool:
     """Ask, evaluate and tell until `entries` holds `cfg.budget` evaluations; False if it stopped early.
 
-    `evaluate` scores values and appends their journal entry. A candidate that was evaluated already is told
-    its known loss instead, and does not count (the objective is exact); an optimizer that proposes nothing
-    new `MAX_REPEATS` times in a row has converged, and the loop stops there.
+    Candidates are asked `cfg.workers` at a time and the new ones are evaluated together: `evaluate`
+    scores a list of value arrays and appends their journal entries. A candidate that was evaluated
+    already (before or within its group) is told its known loss instead and does not count (the
+    objective is exact); an optimizer that proposes nothing new `MAX_REPEATS` times in a row has
+    converged, and the loop stops there. Tells go in ask order, as `_ask_along` replays them.
     """
     known = {_key(e["values"]): _loss(e) for e in entries}
     repeats = 0
     while len(entries) < cfg.budget:
         asked = pending or [opt.ask() for _ in range(min(cfg.workers, cfg.budget - len(entries)))]
         pending = []
-        for cand in asked:
-            values = decode(cand.value, *shape)
-            if _key(values) in known:
-                tell(opt, cand, known[_key(values)], cfg.space)
-                repeats += 1
-                if repeats >= MAX_REPEATS:
-                    return False
-                continue
-            repeats = 0
-            known[_key(values)] = loss = evaluate(values)
-            tell(opt, cand, loss, cfg.space)
+        values = [decode(cand.value, *shape) for cand in asked]
+        new = {_key(v): v for v in values if _key(v) not in known}
+        known.update(zip(new, evaluate(list(new.values())) if new else []))
+        for cand, v in zip(asked, values):
+            tell(opt, cand, known[_key(v)], cfg.space)
+            repeats = repeats + 1 if _key(v) not in new else 0
+            new.pop(_key(v), None)  # a second proposal of it in this group is a repeat
+            if repeats >= MAX_REPEATS:
+                return False
     return True
 
 

@@ -95,6 +95,32 @@ def test_trajectory_reuse_gives_the_same_rewards(pipe_dir):
     assert results[0].rewards != results[1].rewards
 
 
+@pytest.mark.parametrize("preset,groups", [("paper", None), ("branches", None), ("paper", 4)])
+def test_candidates_evaluated_together_match_one_at_a_time(pipe_dir, preset, groups):
+    """--workers: several candidates share one batch under per-sample masks, and each replays its own cached steps.
+
+    Units that scale weights only (paper: bias kept), whole branches (weight and bias) and channel groups.
+    """
+    pipe = load_pipeline(str(pipe_dir))
+    units = find_units(pipe.unet, preset, groups=groups)
+    template = MaskSet.ones(pipe.unet, units, Buckets.uniform(3))
+    reward = load_reward("python:reward_fns:brightness")
+    make = lambda cache: Evaluator(pipe, reward, template, ["a cat", "a dog"], [0, 1], 6, 5.0, cache=cache)
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1.5, (3, len(units)))
+    b, c = a.copy(), a.copy()
+    b[0], c[2] = 0.3, 1.2  # b replays a's first 2 buckets; c replays nothing
+    plain = make(None)
+    alone = np.asarray([plain(v).rewards for v in (a, b, c)])
+    together = np.asarray([e.rewards for e in plain.many([a, b, c])])
+    assert np.abs(together - alone).max() < 1e-6 < np.abs(alone[0] - alone[1]).max()  # rounding, not masks
+    cached = make(TrajectoryCache(64))
+    cached.many([a])
+    group = cached.many([b, c])  # b's first 4 steps come from the cache while c runs them
+    assert [e.cache_hits for e in group] == [4, 0] and [e.unet_calls for e in group] == [2, 6]
+    assert np.abs(np.asarray([e.rewards for e in group]) - alone[1:]).max() < 1e-6
+
+
 def test_resume_after_sigkill(pipe_dir, prompts, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "maskopt.cli", *args(pipe_dir, prompts, out, "--budget", "12", "--space", "gates")]
@@ -240,28 +266,39 @@ def test_search_on_an_sdxl_pipeline(tmp_path, prompts):
     assert len(masks.units) == len(find_units(pipe.unet, "paper")) == 32
 
 
-@pytest.mark.parametrize("strategy,space", [("joint", "gates"), ("sweep", "gates"), ("joint", "binary")])
-def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strategy, space):
+@pytest.mark.parametrize("strategy,space,workers", [("joint", "gates", 1), ("sweep", "gates", 1), ("joint", "binary", 1),
+                                                    ("joint", "gates", 3)])
+def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strategy, space, workers):
     """The journal is replayed by asking as the first run asked: the resumed search is the uninterrupted one.
 
     binary: DiscreteOnePlusOne proposes evaluated candidates again and again, which are told, not journaled.
+    workers 3: killed after 2 of a group of 3 were journaled; the third is asked again and evaluated alone,
+    so its reward agrees to float rounding (one candidate runs under `apply`, a group under `per_sample`).
     """
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    strategy = (strategy, "--space", space)
-    assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9", "--strategy", *strategy)).exit_code == 0
+    opts = ("--strategy", strategy, "--space", space, "--workers", str(workers))
+    assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9", *opts)).exit_code == 0
     lines = (whole / "journal.jsonl").read_text().splitlines()
+    kept = 5 if workers == 1 else 4  # baseline + 4 evaluations, or baseline + 2 of the first group of 3
     cut.mkdir()
-    (cut / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")  # killed after 4 evaluations
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", "--strategy", *strategy, "--resume"))
+    (cut / "journal.jsonl").write_text("\n".join(lines[:kept]) + "\n")
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", *opts, "--resume"))
     assert r.exit_code == 0, r.output
     # the same candidates and rewards (not the same timings or cache hits: the resumed run starts a new cache)
-    strip = lambda e: {k: v for k, v in json.loads(e).items() if k not in ("seconds", "cache_hits", "unet_calls")}
-    assert [strip(e) for e in (cut / "journal.jsonl").read_text().splitlines()[1:]] == [strip(e) for e in lines[1:]]
+    _, resumed = journal(cut)
+    _, first = journal(whole)
+    assert [e["values"] for e in resumed] == [e["values"] for e in first]
+    if workers == 1:
+        strip = lambda e: {k: v for k, v in e.items() if k not in ("seconds", "cache_hits", "unet_calls")}
+        assert [strip(e) for e in resumed] == [strip(e) for e in first]
+    else:
+        assert [e["rewards"] for e in resumed] == [pytest.approx(e["rewards"], abs=1e-6) for e in first]
     # another --workers asks other groups: the journal is then told as points not asked, and the search goes on
     more = tmp_path / "more"
     more.mkdir()
     (more / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, more, "--budget", "9", "--strategy", *strategy, "--workers", "2", "--resume"))
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, more, "--budget", "9", "--strategy", strategy, "--space", space,
+                                      "--workers", "2", "--resume"))
     assert r.exit_code == 0, r.output
     assert len((more / "journal.jsonl").read_text().splitlines()) == 10
 
@@ -282,8 +319,8 @@ def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path)
     assert all(e["cache_hits"] == 2 and e["unet_calls"] == 2 for e in entries[first:])
 
 
-@pytest.mark.parametrize("strategy", ["joint", "sweep"])
-def test_binary_search_finds_the_units_worth_removing(strategy):
+@pytest.mark.parametrize("strategy,workers", [("joint", 1), ("sweep", 1), ("joint", 4)])
+def test_binary_search_finds_the_units_worth_removing(strategy, workers):
     """A toy objective shaped like a mask search: removing most units costs reward, removing three gains it.
 
     Before the binary space was deterministic, every candidate removed about a third of the units at random
@@ -294,16 +331,17 @@ def test_binary_search_finds_the_units_worth_removing(strategy):
     for k, u in good:
         gain[k, u] = 1.0
     objective = lambda v: -float((gain * (1 - v)).sum())  # a loss
-    cfg = SearchConfig(space="binary", strategy=strategy, budget=120, buckets=3)
+    cfg = SearchConfig(space="binary", strategy=strategy, budget=120, buckets=3, workers=workers)
     opt = _optimizer(cfg, *shape, recompute=[1 / 3, 2 / 3, 1.0])
     entries: list[dict] = []
 
-    def evaluate(values):
-        entries.append({"values": values.tolist(), "failed": False, "objective": -objective(values)})
-        return objective(values)
+    def evaluate(group):
+        assert 1 <= len(group) <= workers
+        entries.extend({"values": v.tolist(), "failed": False, "objective": -objective(v)} for v in group)
+        return [objective(v) for v in group]
 
     ones = np.ones(shape)
-    tell(opt, opt.parametrization.spawn_child(new_value=encode(ones, "binary")), evaluate(ones), "binary")
+    tell(opt, opt.parametrization.spawn_child(new_value=encode(ones, "binary")), evaluate([ones])[0], "binary")
     assert ask_loop(opt, cfg, shape, entries, [], evaluate)
     close(opt)
     assert len(entries) == 120 and len({str(e["values"]) for e in entries}) == 120  # nothing evaluated twice
