@@ -29,12 +29,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--candidates", type=int, default=48)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--space", default=None, help="gates (the default's), binary or groups")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device in (None, "cpu"):
         torch.set_num_threads(2)
 
-    cfg = resolve(args.recipe, device=args.device)
+    cfg = resolve(args.recipe, device=args.device, space=args.space)
     evaluator = evaluators(cfg)(None)
     shape = evaluator.template.values.shape
     rng = np.random.default_rng(0)
