@@ -1,4 +1,5 @@
-"""Applying masks to a live U-Net (`apply`, or `per_sample` for a batch of candidates) and folding them into a standalone variant (`bake`).
+"""Applying masks to a live U-Net (`apply`; `per_sample` for a batch of candidates) and folding them
+into a standalone variant (`bake`).
 
 Both go through `bucket_scales`: every unit's value becomes a factor on some output rows of some
 parameters, and the factors of all units touching one parameter multiply into one row-scale vector.
