@@ -94,7 +94,7 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--holdout-prompts", default=None, help="Held-out prompt file for validation.")
 @click.option("--holdout-seeds", type=int, default=None)
 @click.option("--sparsity", type=float, default=None, help="Objective bonus (>0) or penalty (<0) per removed unit.")
-@click.option("--batch-size", type=int, default=None, help="Images per pipeline call (default: all at once).")
+@click.option("--batch-size", type=int, default=None, help="Images per candidate per pipeline call (default: all at once; --workers W puts W candidates in each call).")
 @click.option("--cache", type=int, default=None, help="Trajectory cache entries; 0 turns reuse off.")
 @click.option("--seed", type=int, default=None, help="Optimizer seed.")
 @click.option("--out", default=None, help="Output folder (default: a new runs/search-DATE-TIME).")

@@ -42,7 +42,7 @@ class SearchConfig:
     holdout_prompts: str | None = None  # held-out prompt file; None: the search prompts (unseen seeds only)
     holdout_seeds: int = 4  # unseen seeds for validation: 1000 .. 1000+N-1
     sparsity: float = 0.0  # objective bonus (>0) or penalty (<0) per unit removed (per bucket, / K)
-    batch_size: int | None = None  # images per pipeline call; None: one batch per evaluation
+    batch_size: int | None = None  # images per candidate per pipeline call; None: all of them
     cache: int = 256  # trajectory cache entries (U-Net outputs); 0 turns reuse off
     seed: int = 0  # optimizer seed
     out: str | None = None  # None: a new runs/search-YYYYmmdd-HHMMSS, so rerunning never collides
