@@ -67,6 +67,9 @@ def optimizer(name: str | None, param: ng.p.Parameter, kind: str, budget: int, w
             f"unknown optimizer {name!r}; valid: any name in nevergrad.optimizers.registry"
             + (f" (close: {', '.join(close)})" if close else " (e.g. NGOpt, CMA, DiscreteOnePlusOne, TwoPointsDE)")
         )
+    if workers > 1 and getattr(ng.optimizers.registry[name], "no_parallelization", False):
+        raise MaskoptError(f"optimizer {name!r} evaluates one candidate at a time: use --workers 1, or an optimizer "
+                           "that asks several (e.g. NGOpt, OnePlusOne, DiscreteOnePlusOne, TwoPointsDE)")
     return ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=workers)
 
 

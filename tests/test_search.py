@@ -195,6 +195,7 @@ def _bad(tmp_path, pipe_dir, prompts, *extra, out=None):
     (lambda p: p.write_bytes(b"\xff\xfe\x00a cat"), [], "is not UTF-8 text"),
     (None, ["--reward", "clipp"], "unknown reward 'clipp'; valid: aesthetic, clip, digits"),
     (None, ["--optimizer", "NoSuchOpt"], "unknown optimizer 'NoSuchOpt'"),
+    (None, ["--optimizer", "Cobyla", "--workers", "2"], "optimizer 'Cobyla' evaluates one candidate at a time: use --workers 1"),
     (None, ["--targets", "nope.*"], "'nope.\\*' matches no unit"),
     (None, ["--scheduler", "warp"], "unknown scheduler 'warp'; valid: ddim"),
     (None, ["--buckets", "5"], "--buckets 5 is larger than the number of sampling steps \\(4\\)"),
