@@ -30,34 +30,39 @@ def workspace() -> Path:
     return path
 
 
-def pipeline(xl: bool = False) -> Path:
-    return _pipeline(bool(xl))  # one cache key whether called as pipeline() or pipeline(False)
+def _kind(xl: bool | str) -> str:
+    """'sd', 'xl' or 'sd21'; a bool means SDXL or not, as most tests ask."""
+    return xl if isinstance(xl, str) else ("xl" if xl else "sd")
 
 
-def masks(xl: bool = False) -> Path:
-    return _masks(bool(xl))
+def pipeline(xl: bool | str = False) -> Path:
+    return _pipeline(_kind(xl))  # one cache key whether called as pipeline(), pipeline(False) or pipeline("sd")
 
 
-def exported(xl: bool = False, drop: bool = True) -> Path:
+def masks(xl: bool | str = False) -> Path:
+    return _masks(_kind(xl))
+
+
+def exported(xl: bool | str = False, drop: bool = True) -> Path:
     """`maskopt export --onnx --triton [--drop]` of the tiny pipeline's masks."""
-    return _exported(bool(xl), bool(drop))
+    return _exported(_kind(xl), bool(drop))
 
 
 @functools.cache
-def _pipeline(xl: bool) -> Path:
-    return tiny_pipeline(workspace() / ("pipe_xl" if xl else "pipe_sd"), xl=xl)
+def _pipeline(kind: str) -> Path:
+    return tiny_pipeline(workspace() / f"pipe_{kind}", xl=kind == "xl", sd21=kind == "sd21")
 
 
 @functools.cache
-def _masks(xl: bool) -> Path:
+def _masks(kind: str) -> Path:
     """3 buckets over the paper units and every residual branch: each bucket removes a different third
     of the units and scales the rest, so the three variants differ and --drop has work to do."""
-    unet = load_unet(str(pipeline(xl)))
+    unet = load_unet(str(pipeline(kind)))
     units = find_units(unet, ["paper", "branches"])
     values = np.random.default_rng(0).uniform(0.5, 1.5, (K, len(units)))
     for k in range(K):
         values[k, k::3] = 0.0
-    path = workspace() / f"masks_{'xl' if xl else 'sd'}.json"
+    path = workspace() / f"masks_{kind}.json"
     MaskSet.ones(unet, units, Buckets.uniform(K)).with_values(values, reward="test").save(path)
     return path
 
@@ -67,9 +72,9 @@ def cli(*args: str):
 
 
 @functools.cache
-def _exported(xl: bool, drop: bool) -> Path:
-    out = workspace() / f"export_{'xl' if xl else 'sd'}{'_drop' if drop else ''}"
-    r = cli("export", "--masks", masks(xl), "--model", pipeline(xl), "--out", out, "--onnx", "--triton",
+def _exported(kind: str, drop: bool) -> Path:
+    out = workspace() / f"export_{kind}{'_drop' if drop else ''}"
+    r = cli("export", "--masks", masks(kind), "--model", pipeline(kind), "--out", out, "--onnx", "--triton",
             *(["--drop"] if drop else []))
     assert r.exit_code == 0, r.output
     return out

@@ -1,4 +1,4 @@
-"""`maskopt export` on tiny SD- and SDXL-shaped pipelines: parity per variant, manifest, bad input."""
+"""`maskopt export` on tiny SD1.5-, SD2.1- and SDXL-shaped pipelines: parity per variant, manifest, bad input."""
 
 import json
 import sys
@@ -20,14 +20,15 @@ from maskopt.export import ort
 from maskopt.models import load_unet
 
 
-@pytest.mark.parametrize("xl", [False, True], ids=["sd", "xl"])
-def test_export_variants_match_baked_unets(xl):
-    out = exported(xl)
+@pytest.mark.parametrize("kind", ["sd", "xl", "sd21"])
+def test_export_variants_match_baked_unets(kind):
+    xl = kind == "xl"
+    out = exported(kind)
     m = Manifest.load(out)
     assert [v.timesteps for v in m.variants] == [(0, 332), (333, 666), (667, 999)]
     inputs = ["sample", "timestep", "encoder_hidden_states"] + (["text_embeds", "time_ids"] if xl else [])
-    unet = load_unet(str(pipeline(xl)))
-    mask_set = MaskSet.load(masks(xl))
+    unet = load_unet(str(pipeline(kind)))
+    mask_set = MaskSet.load(masks(kind))
     rng = np.random.default_rng(5)
     outputs = []
     for k, v in enumerate(m.variants):

@@ -23,9 +23,9 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-@pytest.mark.parametrize("xl", [False, True], ids=["sd", "xl"])
-def test_torch_and_onnxruntime_agree(xl):
-    out = exported(xl)
+@pytest.mark.parametrize("kind", ["sd", "xl", "sd21"])
+def test_torch_and_onnxruntime_agree(kind):
+    out = exported(kind)
     seen = {}
     images = {}
     for backend in ("torch", "onnxruntime"):

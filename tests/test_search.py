@@ -269,6 +269,22 @@ def test_search_on_an_sdxl_pipeline(tmp_path, prompts):
     assert len(masks.units) == len(find_units(pipe.unet, "paper")) == 32
 
 
+def test_search_on_an_sd21_pipeline(tmp_path, prompts):
+    """SD2.1's shape (linear projections, upcast attention, v-prediction) through the search, one candidate and two at once."""
+    sd21 = tiny_pipeline(tmp_path / "sd21", sd21=True)
+    pipe = load_pipeline(str(sd21))
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.unet.config.use_linear_projection
+    for workers in ("1", "2"):
+        out = tmp_path / f"run{workers}"
+        r = CliRunner().invoke(main, args(sd21, prompts, out, "--budget", "5", "--guidance", "3.0", "--workers", workers))
+        assert r.exit_code == 0, r.output
+        _, entries = journal(out)
+        assert len(entries) == 5 and len({str(e["values"]) for e in entries}) == 5
+        assert len(set(e["reward"] for e in entries)) > 1  # the masks change the images
+    masks = MaskSet.load(out / "masks.json", unet=pipe.unet)
+    assert len(masks.units) == len(find_units(pipe.unet, "paper")) > 0
+
+
 @pytest.mark.parametrize("strategy,space,workers", [("joint", "gates", 1), ("sweep", "gates", 1), ("joint", "binary", 1),
                                                     ("joint", "gates", 3)])
 def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strategy, space, workers, caplog):

@@ -1,4 +1,4 @@
-"""Tiny and full-size U-Net configs the tests build (no download): SD1.5- and SDXL-shaped."""
+"""Tiny and full-size U-Net configs the tests build (no download): SD1.5-, SD2.1- and SDXL-shaped."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ TINY_SD = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=16, attention_head_dim=4,
 )
+
+# SD2.1's: linear projections, per-block head dims, upcast attention (and, in tiny_pipeline, v-prediction).
+TINY_SD21 = {**TINY_SD, "attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True}
 
 # SDXL's: added text/time conditioning, linear projections, several transformer layers.
 TINY_XL = dict(
@@ -74,15 +77,18 @@ def unet_inputs(unet: UNet2DConditionModel, batch: int = 2, size: int = 8, seed:
     return kw
 
 
-def tiny_pipeline(path, xl: bool = False, seed: int = 0):
-    """Save a tiny StableDiffusion(XL)Pipeline with save_pretrained, as a user's local folder would be."""
+def tiny_pipeline(path, xl: bool = False, seed: int = 0, sd21: bool = False):
+    """Save a tiny StableDiffusion(XL)Pipeline with save_pretrained, as a user's local folder would be.
+
+    sd21: SD2.1-shaped (see TINY_SD21), a gelu text encoder and a v-prediction scheduler.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from tiny_clip import save_tokenizer
 
     torch.manual_seed(seed)
-    unet = tiny_unet(TINY_XL if xl else TINY_SD, seed)
+    unet = tiny_unet(TINY_XL if xl else TINY_SD21 if sd21 else TINY_SD, seed)
     vae = AutoencoderKL(
         block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16,
@@ -94,7 +100,8 @@ def tiny_pipeline(path, xl: bool = False, seed: int = 0):
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw
     )
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+                          set_alpha_to_one=False, steps_offset=1,
+                          prediction_type="v_prediction" if sd21 else "epsilon")
     if xl:
         pipe = StableDiffusionXLPipeline(
             vae=vae, unet=unet, scheduler=sched, tokenizer=tok, tokenizer_2=tok,
@@ -102,7 +109,8 @@ def tiny_pipeline(path, xl: bool = False, seed: int = 0):
         )
     else:
         pipe = StableDiffusionPipeline(
-            vae=vae, unet=unet, scheduler=sched, tokenizer=tok, text_encoder=CLIPTextModel(text(16)),
+            vae=vae, unet=unet, scheduler=sched, tokenizer=tok,
+            text_encoder=CLIPTextModel(text(16, hidden_act="gelu") if sd21 else text(16)),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     pipe.save_pretrained(path)
