@@ -25,16 +25,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from maskopt.buckets import Buckets
 from maskopt.config import SearchConfig, resolve
 from maskopt.evaluate import Evaluator, TrajectoryCache
 from maskopt.journal import read
-from maskopt.maskset import MaskSet
-from maskopt.models import load_pipeline
-from maskopt.prompts import read_prompts
 from maskopt.rewards import load_reward
-from maskopt.search import prepare, run_search
-from maskopt.units import find_units
+from maskopt.search import load_model, prepare, run_search
 
 
 def search_journal(args: argparse.Namespace) -> Path:
@@ -50,13 +45,10 @@ def search_journal(args: argparse.Namespace) -> Path:
 def evaluators(cfg: SearchConfig, header: dict | None = None) -> Callable[[TrajectoryCache | None], Evaluator]:
     """make(cache) -> an Evaluator of the search `cfg` describes (its model, units, buckets, prompts, seeds, reward)."""
     inputs = prepare(dataclasses.replace(cfg, out=tempfile.mkdtemp(), resume=False))  # the prompts and reward spec
-    pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
-    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
-    buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
+    pipe, template = load_model(cfg)
     if header is not None:
-        assert [u.to_dict() for u in units] == header["units"], "the journal is for other units"
-        buckets = Buckets(tuple(tuple(r) for r in header["buckets"]), buckets.num_train_timesteps)
-    template = MaskSet.ones(pipe.unet, units, buckets)
+        assert [u.to_dict() for u in template.units] == header["units"], "the journal is for other units"
+        assert template.buckets.to_list() == header["buckets"], "the journal is for other buckets"
     reward = load_reward(inputs["reward"], cfg.device)
     return lambda cache: Evaluator(pipe, reward, template, inputs["prompts"], range(cfg.seeds), cfg.steps,
                                    cfg.guidance, cfg.size, cache, cfg.batch_size)

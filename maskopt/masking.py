@@ -110,7 +110,6 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
     """
 
     def __init__(self, unet: nn.Module, masksets: list[MaskSet]) -> None:
-        self.unet, self.masksets = unet, masksets
         self.bucket, self.owner = 0, torch.zeros(0, dtype=torch.long)
         self._hooks: list[Any] = []
         n, k = len(masksets), len(masksets[0].buckets)

@@ -117,22 +117,28 @@ def bucket_steps(pipe: Any, buckets: Buckets, steps: int) -> list[int]:
     return counts
 
 
-def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:
+def load_model(cfg: SearchConfig) -> tuple[Any, MaskSet]:
+    """The pipeline `cfg` names and its all-ones mask set over the searched units and buckets."""
     from .models import load_pipeline
-    from .rewards import load_reward
     from .units import find_units
+
+    pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
+    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
+    buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
+    return pipe, MaskSet.ones(pipe.unet, units, buckets, source=cfg.model or "maskopt:default")
+
+
+def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:
+    from .rewards import load_reward
 
     # 1. Check inputs (cheap) before loading anything heavy.
     inputs = prepare(cfg)
     out: Path = inputs["out"]
     try:
         # 2. Model, units, buckets, reward.
-        pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
-        groups = cfg.groups or (4 if cfg.space == "groups" else None)
-        units = find_units(pipe.unet, cfg.targets, groups=groups)
-        buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
+        pipe, template = load_model(cfg)
+        units, buckets = template.units, template.buckets
         counts = bucket_steps(pipe, buckets, cfg.steps)
-        template = MaskSet.ones(pipe.unet, units, buckets, source=cfg.model or "maskopt:default")
         reward = load_reward(inputs["reward"], cfg.device)
         logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), inputs["reward"])
     except BaseException:
@@ -267,12 +273,12 @@ def ask_loop(opt: Any, cfg: SearchConfig, shape: tuple[int, int], entries: list[
         asked = pending or [opt.ask() for _ in range(min(cfg.workers, cfg.budget - len(entries)))]
         pending = []
         values = [decode(cand.value, *shape) for cand in asked]
-        new = {_key(v): v for v in values if _key(v) not in known}
+        keys = [_key(v) for v in values]
+        new = {k: v for k, v in zip(keys, values) if k not in known}
         known.update(zip(new, evaluate(list(new.values())) if new else []))
-        for cand, v in zip(asked, values):
-            tell(opt, cand, known[_key(v)], cfg.space)
-            repeats = repeats + 1 if _key(v) not in new else 0
-            new.pop(_key(v), None)  # a second proposal of it in this group is a repeat
+        for cand, key in zip(asked, keys):
+            tell(opt, cand, known[key], cfg.space)
+            repeats = 0 if new.pop(key, None) is not None else repeats + 1  # a second proposal in a group repeats
             if repeats >= MAX_REPEATS:
                 return False
     return True
