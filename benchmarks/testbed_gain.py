@@ -21,15 +21,15 @@ import time
 import numpy as np
 import torch
 
-from maskopt.config import resolve
+from maskopt.config import SearchConfig, resolve
 from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward, frechet_distance
-from maskopt.evaluate import Evaluator
+from maskopt.evaluate import Evaluation, Evaluator
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline
 from maskopt.prompts import read_prompts
 from maskopt.search import run_search
-from maskopt.stats import paired
+from maskopt.stats import Paired, paired
 
 # SD1.5's suggested setting, two milder ones, and backbone-only scalings (s = 1: no Fourier filter).
 FREEU_GRID = [(0.9, 0.2, 1.5, 1.6), (0.9, 0.2, 1.2, 1.4), (1.0, 1.0, 1.1, 1.2), (0.6, 0.4, 1.1, 1.2),
@@ -64,28 +64,15 @@ def main() -> None:
 
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
     masks = MaskSet.load(result.masks_path, unet=pipe.unet)
-    reward = DigitReward()
-    prompts = read_prompts(cfg.holdout_prompts or HOLDOUT_PROMPTS_PATH)
-    seeds = range(1000, 1000 + args.seeds)
-    ev = Evaluator(pipe, reward, masks, prompts, seeds, cfg.steps, cfg.guidance, cfg.size)
-    ones = np.ones_like(masks.values)
-
-    rows = []
-    base = ev(ones, keep_images=True)
-    rows.append(("baseline", base))
-    rows.append(("maskopt", ev(masks.values, keep_images=True)))
-    for s1, s2, b1, b2 in FREEU_GRID:
-        pipe.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
-        rows.append((f"FreeU s1={s1} s2={s2} b1={b1} b2={b2}", ev(ones, keep_images=True)))
-        pipe.unet.disable_freeu()
-
-    n = len(base.rewards)
-    print(f"\nheld-out: {len(prompts)} prompts x {args.seeds} unseen seeds = {n} images, same noise for every row")
+    ev = held_out(pipe, masks, cfg, args.seeds)
+    base = ev(np.ones_like(masks.values), keep_images=True)
+    rows = [("baseline", base), ("maskopt", ev(masks.values, keep_images=True))] + freeu_rows(pipe, ev)
+    print(f"\nheld-out: {len(ev.prompts)} prompts x {args.seeds} unseen seeds = {len(base.rewards)} images, "
+          "same noise for every row")
     print(f"{'':42} {'reward':>7} {'diff vs baseline [95% CI]':>32} {'Frechet':>8}")
     results = {}
     for name, r in rows:
-        fd = frechet_distance(r.images)
-        p = paired(base.rewards, r.rewards)
+        p, fd = versus(base, r)
         results[name] = (p, fd)
         ci = f"{p.diff:+.4f} [{p.ci_low:+.4f}, {p.ci_high:+.4f}]" if name != "baseline" else ""
         print(f"{name:42} {np.mean(r.rewards):7.4f} {ci:>32} {fd:8.3f}")
@@ -98,6 +85,29 @@ def main() -> None:
     print(f"maskopt - best FreeU: {paired(evals[freeu].rewards, evals['maskopt'].rewards).describe()}")
     goal = pm.ci_low > 0 and pm.diff >= 0.05 and fm <= fb
     print(f"goal (gain >= 0.05, CI above 0, Frechet not worse): {'met' if goal else 'NOT met'}")
+
+
+def held_out(pipe, masks: MaskSet, cfg: SearchConfig, seeds: int) -> Evaluator:
+    """An evaluator on the held-out prompts x unseen seeds 1000..1000+seeds-1, with the search's sampler settings."""
+    prompts = read_prompts(cfg.holdout_prompts or HOLDOUT_PROMPTS_PATH)
+    return Evaluator(pipe, DigitReward(), masks, prompts, range(1000, 1000 + seeds), cfg.steps, cfg.guidance, cfg.size)
+
+
+def freeu_rows(pipe, ev: Evaluator) -> list[tuple[str, Evaluation]]:
+    """The all-ones U-Net under every FreeU setting of the grid, on `ev`'s images."""
+    rows = []
+    for s1, s2, b1, b2 in FREEU_GRID:
+        pipe.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+        try:
+            rows.append((f"FreeU s1={s1} s2={s2} b1={b1} b2={b2}", ev(np.ones_like(ev.template.values), keep_images=True)))
+        finally:
+            pipe.unet.disable_freeu()
+    return rows
+
+
+def versus(base: Evaluation, r: Evaluation) -> tuple[Paired, float]:
+    """(paired difference to the baseline with its bootstrap CI, Frechet distance to real digits) of one row."""
+    return paired(base.rewards, r.rewards), frechet_distance(r.images)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def write_report(
     save_grid([baseline_images[:n], masked_images[:n]], out / "grid.png")
     p = masks.provenance
     removed = int((masks.values == 0).sum())
+    runs = f" (runs {p['optimizer_runs']})" if p.get("optimizer_runs", p["optimizer"]) != p["optimizer"] else ""
     verdict = (
         f"**Held-out gain: {holdout.diff:+.4f}** (95% CI {holdout.ci_low:+.4f} to {holdout.ci_high:+.4f})"
         if holdout.ci_low > 0
@@ -103,7 +104,7 @@ def write_report(
 | baseline, held-out ({holdout.n} images) | {holdout.baseline:.4f} |
 | masked, held-out | {holdout.masked:.4f} |
 
-- model: `{cfg.model or 'embedded default (digits)'}`, reward: `{p['reward']}`, space: `{cfg.space}`, optimizer: `{p['optimizer']}` ({cfg.strategy})
+- model: `{cfg.model or 'embedded default (digits)'}`, reward: `{p['reward']}`, space: `{cfg.space}`, optimizer: `{p['optimizer']}`{runs} ({cfg.strategy})
 - {len(masks.units)} units x {len(masks.buckets)} buckets, {removed} (bucket, unit) values at 0
 - {len(entries)} evaluations, {sum(e['seconds'] for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls
 - sampler: {cfg.steps} steps, guidance {cfg.guidance}, scheduler `{cfg.scheduler or 'pipeline default'}`

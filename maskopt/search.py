@@ -211,7 +211,8 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     # 5. The mask file (the contract), then the report.
     masks = template.with_values(
         np.asarray(best["values"]),
-        reward=inputs["reward"], optimizer=header["optimizer"], strategy=cfg.strategy, space=cfg.space, budget=cfg.budget,
+        reward=inputs["reward"], optimizer=header["optimizer"], optimizer_runs=chosen or header["optimizer"],
+        strategy=cfg.strategy, space=cfg.space, budget=cfg.budget,
         evaluations=len(entries), best_evaluation=best["i"], search_reward=best["reward"],
         baseline_search_reward=baseline["reward"], holdout=holdout.to_dict(),
         holdout_prompts=str(inputs["holdout_file"] or cfg.prompts or "search prompts"),

@@ -138,4 +138,7 @@ def test_short_search_on_the_default_improves_or_ties(tmp_path):
     assert header["reward"] == "digits" and header["config"]["guidance"] == 1.0 and len(entries) == 10
     masks = MaskSet.load(out / "masks.json", unet=DiffusionPipeline.from_pretrained(str(PIPELINE_DIR)).unet)
     assert masks.provenance["search_reward"] >= masks.provenance["baseline_search_reward"]
+    # NGOpt's pick is kept with the masks and named in the report
+    assert masks.provenance["optimizer"] == "NGOpt" and masks.provenance["optimizer_runs"] not in ("", "NGOpt")
+    assert f"(runs {masks.provenance['optimizer_runs']})" in (out / "report.md").read_text()
     assert max(e["reward"] for e in entries) >= entries[0]["reward"] and len(masks.units) == 32

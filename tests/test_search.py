@@ -66,6 +66,7 @@ def test_search_end_to_end(pipe_dir, prompts, tmp_path, caplog):
     assert np.array_equal(masks.values, np.asarray(best["values"]))  # the best candidate, baseline included
     prov = masks.provenance
     assert prov["reward"] == "python:reward_fns:brightness" and prov["optimizer"] == "DiscreteOnePlusOne"
+    assert prov["optimizer_runs"] == "DiscreteOnePlusOne"  # not a portfolio: runs as named
     assert len({str(e["values"]) for e in entries}) == 6  # no candidate evaluated twice
     assert {"diff", "ci_low", "ci_high", "n"} <= prov["holdout"].keys() and prov["holdout"]["n"] == 4
     report = (out / "report.md").read_text()
