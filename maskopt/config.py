@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,31 +56,55 @@ class SearchConfig:
     RUNTIME = ("out", "resume", "budget", "workers", "device", "cache", "batch_size")
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME}
+        """What must match for --resume: every setting but the runtime ones, with equal spellings made equal.
+
+        The prompt files are compared by their prompts (kept in the journal), not by path, so a moved file
+        resumes and an edited one does not; a local model folder is compared by its absolute path.
+        """
+        from .space import DEFAULT_OPTIMIZER
+
+        d = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME + ("prompts", "holdout_prompts")}
+        d["optimizer"] = self.optimizer or DEFAULT_OPTIMIZER.get(self.space)
+        if self.model and Path(self.model).expanduser().exists():
+            d["model"] = str(Path(self.model).expanduser().resolve())
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def validate(self) -> None:
-        if self.buckets < 1:
-            raise MaskoptError(f"--buckets must be at least 1, got {self.buckets}")
+        for name in ("steps", "buckets", "budget", "seeds", "workers", "holdout_seeds", "groups", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise MaskoptError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.cache < 0:
+            raise MaskoptError(f"--cache must be 0 (no reuse) or more, got {self.cache}")
         if self.buckets > self.steps:
             raise MaskoptError(f"--buckets {self.buckets} is larger than the number of sampling steps ({self.steps})")
         if self.strategy not in STRATEGIES:
             raise MaskoptError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
-        if self.budget < 1 or self.seeds < 1 or self.workers < 1 or self.holdout_seeds < 1:
-            raise MaskoptError("--budget, --seeds, --workers and --holdout-seeds must be at least 1")
+        if self.size is not None:
+            check_size(self.size)
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
+def parse_size(text: str | list | tuple | None) -> tuple[int, int] | None:
+    """'512x768' (or [512, 768] from a recipe) -> (512, 768) as (height, width)."""
     if text is None:
         return None
     try:
-        h, w = (int(x) for x in str(text).lower().split("x"))
-    except ValueError:
+        h, w = (int(x) for x in (str(text).lower().split("x") if isinstance(text, str) else text))
+    except (ValueError, TypeError):
         raise MaskoptError(f"size {text!r} is not HxW, e.g. 512x512") from None
-    return h, w
+    return check_size((h, w))
+
+
+def check_size(size: tuple[int, int]) -> tuple[int, int]:
+    # diffusers' Stable Diffusion pipelines (SD1.5, SD2.1, SDXL) refuse sizes that are not multiples of 8
+    h, w = size
+    if h < 8 or w < 8 or h % 8 or w % 8:
+        raise MaskoptError(f"size {h}x{w}: height and width must be positive multiples of 8, e.g. 512x512")
+    return size
 
 
 def parse_range(text: str | tuple | list) -> tuple[float, float]:
@@ -90,13 +116,32 @@ def parse_range(text: str | tuple | list) -> tuple[float, float]:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    """A setting's value from a recipe or a flag, in its field's type; MaskoptError naming it otherwise."""
     if name == "size":
-        return parse_size(value) if not isinstance(value, (list, tuple)) else tuple(value)
+        return parse_size(value)
     if name == "gate_range":
         return parse_range(value)
-    if name == "targets" and isinstance(value, str):
-        return [value]
+    if name == "targets":
+        value = [value] if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
+        if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+            raise MaskoptError(f"targets {value!r}: give a preset or glob, or a list of them")
+        return value
+    allowed = _TYPES[name]
+    if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
+        value = float(value)  # guidance: 7 means 7.0
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        want = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise MaskoptError(f"setting {name!r} must be {want}, got {value!r}")
     return value
+
+
+def _allowed(hint: Any) -> tuple[type, ...]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for h in typing.get_args(hint) for t in _allowed(h))
+    return (typing.get_origin(hint) or hint,)
+
+
+_TYPES = {name: _allowed(hint) for name, hint in typing.get_type_hints(SearchConfig).items()}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -105,11 +150,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MaskoptError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise MaskoptError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise MaskoptError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise MaskoptError(f"recipe {path} must be a mapping of setting: value")
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise MaskoptError(f"recipe {path} must be a mapping of setting: value (settings by name)")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     valid = {f.name for f in fields(SearchConfig)}
     unknown = sorted(set(data) - valid)
@@ -130,7 +177,11 @@ def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
         recipe = str(RECIPE_PATH)
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in flags.items() if v is not None and v != ()})
-    cfg = SearchConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    where = f" (recipe {recipe})" if recipe else ""
+    try:
+        cfg = SearchConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    except MaskoptError as e:
+        raise MaskoptError(f"{e}{where}") from None
     if cfg.out is None:
         if cfg.resume:
             raise MaskoptError("--resume needs --out: the folder of the search to continue")
