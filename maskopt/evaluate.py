@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .buckets import scalar_timestep
+from .errors import MaskoptError
 from .masking import apply, per_sample
 from .maskset import MaskSet
 
@@ -214,8 +215,7 @@ class Evaluator:
                     images[c].append(out[c * m:(c + 1) * m])
                     hits[c], calls[c] = hits[c] + run["hits"][c], calls[c] + run["calls"][c]
         per = [torch.cat(chunks) for chunks in images]
-        with torch.no_grad():
-            scores = self.reward(torch.cat(per), self.image_prompts * w).float().cpu()
+        scores = self._score(torch.cat(per), self.image_prompts * w)
         seconds = (time.perf_counter() - t0) / w
         results = []
         for c in range(w):
@@ -223,6 +223,19 @@ class Evaluator:
             mean = float(np.mean(rewards)) if all(math.isfinite(r) for r in rewards) else float("nan")
             results.append(Evaluation(mean, rewards, seconds, hits[c], calls[c], per[c] if keep_images else None))
         return results
+
+    @torch.no_grad()
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The reward's scores; an exception inside a reward (often a user's function) becomes one line."""
+        try:
+            return torch.as_tensor(self.reward(images, prompts)).float().cpu()
+        except MaskoptError:
+            raise
+        except Exception as e:
+            logger.debug("the reward raised", exc_info=True)
+            name = getattr(self.reward, "name", type(self.reward).__name__)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MaskoptError(f"the reward {name} raised {type(e).__name__}: {first} (-vv shows the traceback)") from e
 
     @torch.no_grad()
     def _sample(self, chunk: slice, copies: int = 1) -> torch.Tensor:

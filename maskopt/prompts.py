@@ -12,6 +12,8 @@ logger = logging.getLogger(__name__)
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
+    if path.is_dir():
+        raise MaskoptError(f"prompt file {path} is a folder; give a text file with one prompt per line")
     if not path.is_file():
         raise MaskoptError(f"prompt file {path} does not exist")
     try:

@@ -63,17 +63,48 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
     holdout_file = cfg.holdout_prompts or (default.HOLDOUT_PROMPTS_PATH if embedded and not cfg.prompts else None)
     holdout = read_prompts(holdout_file) if holdout_file else prompts
     reward = cfg.reward or ("digits" if embedded else "clip")
-    check_spec(reward)
+    terms = check_spec(reward)
+    if any(term.partition("@")[0].strip() == "digits" for term, _ in terms):
+        _check_digit_prompts(cfg.prompts or default.PROMPTS_PATH, prompts, holdout_file, holdout)
     if cfg.scheduler and cfg.scheduler not in SCHEDULERS:
         raise MaskoptError(f"unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    _check_device(cfg.device)
     # names a bad space, gate range or optimizer before any model loads
     close(optimizer(cfg.optimizer, space(cfg.space, cfg.buckets, 1, cfg.gate_range), cfg.space, cfg.budget, cfg.workers))
     out = Path(cfg.out)
-    _check_out(out, cfg)
-    return dict(prompts=prompts, holdout=holdout, holdout_file=holdout_file, reward=reward, out=out)
+    fresh = not (out.is_dir() and any(out.iterdir()))
+    created = _check_out(out, cfg, {"prompts": prompts, "holdout": holdout})
+    return dict(prompts=prompts, holdout=holdout, holdout_file=holdout_file, reward=reward, out=out,
+                fresh=fresh, created=created)
 
 
-def _check_out(out: Path, cfg: SearchConfig) -> None:
+def _check_digit_prompts(path: Any, prompts: list[str], holdout_path: Any, holdout: list[str]) -> None:
+    """The digits reward scores the digit a prompt names: every prompt must name exactly one."""
+    from .default.reward import digit_of
+
+    for file, ps in ((path, prompts), (holdout_path, holdout)):
+        for prompt in ps:
+            try:
+                digit_of(prompt)
+            except MaskoptError as e:
+                raise MaskoptError(f"prompt file {file}: {e} (the digits reward needs one digit per prompt)") from None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise MaskoptError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MaskoptError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
+    if kind not in ("cpu", "cuda"):
+        raise MaskoptError(f"--device {device}: maskopt runs on cpu or cuda")
+
+
+def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> Path | None:
+    """Refuse an output folder this search may not write; make it. Returns the topmost folder made here, if any."""
     journal = out / "journal.jsonl"
     if out.exists() and not out.is_dir():
         raise MaskoptError(f"output folder {out} is a file")
@@ -84,21 +115,28 @@ def _check_out(out: Path, cfg: SearchConfig) -> None:
         header, _, _ = read(journal)
         if header is None:
             raise MaskoptError(f"--resume: {out} holds no search journal ({journal.name} missing or empty)")
-        before, now = header["config"], cfg.identity()
-        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        before = {**header["config"], **{k: header.get(k) for k in prompts}}
+        now = {**cfg.identity(), **prompts}
+        keys = [*prompts, *sorted((set(before) | set(now)) - set(prompts))]  # the prompts named first
+        diff = [k for k in keys if before.get(k) != now.get(k)]
         if diff:
             k = diff[0]
-            raise MaskoptError(
-                f"--resume: journal in {out} is from a different configuration ({k}: {before.get(k)!r} there, {now.get(k)!r} now"
-                + (f"; also {', '.join(diff[1:])}" if diff[1:] else "") + ")"
-            )
+            there, here = ("", "") if k in prompts else (repr(before.get(k)), repr(now.get(k)))
+            what = (f"{k}: {there} there, {here} now" if k not in prompts else
+                    f"the {'search' if k == 'prompts' else 'held-out'} prompts differ from the journal's")
+            raise MaskoptError(f"--resume: journal in {out} is from a different configuration ({what}"
+                               + (f"; also {', '.join(diff[1:])}" if diff[1:] else "") + ")")
+    made = next((a for a in reversed([out, *out.parents]) if not a.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
+        if made is not None and made.is_dir():
+            shutil.rmtree(made, ignore_errors=True)
         raise MaskoptError(f"output folder {out} is not writable ({e.strerror})") from None
+    return made
 
 
 def bucket_steps(pipe: Any, buckets: Buckets, steps: int) -> list[int]:
@@ -142,7 +180,8 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         reward = load_reward(inputs["reward"], cfg.device)
         logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), inputs["reward"])
     except BaseException:
-        _remove_if_fresh(out, cfg)
+        if inputs["fresh"]:
+            _clean_fresh(inputs)
         raise
 
     evaluator = Evaluator(pipe, reward, template, inputs["prompts"], range(cfg.seeds), cfg.steps, cfg.guidance,
@@ -151,7 +190,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     # 3. The ask/tell loop, journaled.
     header = {"config": cfg.identity(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
               "reward": inputs["reward"], "optimizer": cfg.optimizer or DEFAULT_OPTIMIZER[cfg.space],
-              "strategy": cfg.strategy}
+              "strategy": cfg.strategy, "prompts": inputs["prompts"], "holdout": inputs["holdout"]}
     journal = Journal(out / "journal.jsonl", header)
     _, entries, _ = read(journal.path)
     # A change in bucket k re-runs the steps of k and of the buckets visited after it (lower timesteps).
@@ -186,15 +225,25 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     try:
         if not entries:  # the baseline first: it is always a candidate
             ones = np.ones((len(buckets), len(units)))
+            first = evaluator(ones)
+            if first.failed:
+                raise MaskoptError(f"the reward {inputs['reward']} returned NaN or inf for the unmasked baseline; "
+                                   "every image needs a finite score to compare candidates against")
             baseline = opt.parametrization.spawn_child(new_value=encode(ones, cfg.space))
-            tell(opt, baseline, _loss(record(ones, evaluator(ones))), cfg.space)
+            tell(opt, baseline, _loss(record(ones, first)), cfg.space)
         evaluate = lambda group: [_loss(record(v, ev)) for v, ev in zip(group, evaluator.many(group))]
         if not ask_loop(opt, cfg, (len(buckets), len(units)), entries, pending, evaluate):
             logger.warning("the optimizer proposed only evaluated candidates %d times in a row: stopping at %d of %d "
                            "evaluations", MAX_REPEATS, len(entries), cfg.budget)
+    except MaskoptError as e:
+        if entries:  # what was evaluated stays, for --resume once the cause is fixed
+            raise MaskoptError(f"{e}; {len(entries)} evaluations kept in {journal.path} (--resume continues)") from None
+        raise
     finally:
         journal.close()
         close(opt)
+        if not entries and inputs["fresh"]:
+            _clean_fresh(inputs)
 
     # 4. Best candidate vs baseline on held-out prompts and unseen seeds.
     baseline = entries[0]
@@ -205,7 +254,8 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     base_ev = holdout_eval(np.asarray(baseline["values"]), keep_images=True)
     best_ev = holdout_eval(np.asarray(best["values"]), keep_images=True)
     if base_ev.failed or best_ev.failed:
-        raise MaskoptError("the reward returned NaN or inf on the held-out images; no mask file written")
+        raise MaskoptError("the reward returned NaN or inf on the held-out images; no mask file written "
+                           f"({len(entries)} evaluations kept in {journal.path}: --resume validates again)")
     holdout = paired(base_ev.rewards, best_ev.rewards)
 
     # 5. The mask file (the contract), then the report.
@@ -321,7 +371,15 @@ def _loss(entry: dict) -> float:
     return FAILED_LOSS if entry["failed"] else -entry["objective"]
 
 
-def _remove_if_fresh(out: Path, cfg: SearchConfig) -> None:
-    """Setup failed before the journal was started: leave no empty folder behind (never touch a resumed one)."""
-    if not cfg.resume and out.is_dir() and not any(out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)
+def _clean_fresh(inputs: dict[str, Any]) -> None:
+    """A search failed before it journaled any evaluation: leave the output folder as it was before it ran.
+
+    Only a fresh search gets here (a resumed one has evaluations); its folder was empty or missing, so
+    everything in it is its own. Folders it made are removed; a folder the user made stays, emptied.
+    """
+    out, made = inputs["out"], inputs["created"]
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+    elif out.is_dir():
+        for child in out.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)

@@ -23,3 +23,22 @@ def flaky(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     _calls["n"] += 1
     scores = images.mean(dim=(1, 2, 3))
     return scores * float("nan") if _calls["n"] % 2 == 0 else scores
+
+
+def raises(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    raise RuntimeError("boom")
+
+
+def always_nan(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+_raise_after = {"n": 0, "at": 3}
+
+
+def raises_later(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Brightness for a while, then an exception: evaluations before it must stay journaled."""
+    _raise_after["n"] += 1
+    if _raise_after["n"] >= _raise_after["at"]:
+        raise RuntimeError("model server went away")
+    return images.mean(dim=(1, 2, 3))

@@ -142,3 +142,18 @@ def test_short_search_on_the_default_improves_or_ties(tmp_path):
     assert masks.provenance["optimizer"] == "NGOpt" and masks.provenance["optimizer_runs"] not in ("", "NGOpt")
     assert f"(runs {masks.provenance['optimizer_runs']})" in (out / "report.md").read_text()
     assert max(e["reward"] for e in entries) >= entries[0]["reward"] and len(masks.units) == 32
+
+
+def test_prompts_without_a_digit_are_refused_before_loading(tmp_path):
+    """The digits reward scores the digit a prompt names: a prompt naming none fails at once, in one line."""
+    from click.testing import CliRunner
+
+    from maskopt.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a handwritten 3\na photo of a cat\n")
+    r = CliRunner().invoke(main, ["search", "--prompts", str(prompts), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: prompt file {prompts}: prompt 'a photo of a cat' names no digit (0-9 or zero..nine) "
+        "(the digits reward needs one digit per prompt)"]
+    assert not (tmp_path / "run").exists()

@@ -162,6 +162,28 @@ def test_recipe_and_override(pipe_dir, prompts, tmp_path):
         resolve(str(tmp_path / "bad.yaml"))
 
 
+@pytest.mark.parametrize("text, message", [
+    (b"budget: abc\n", "setting 'budget' must be int, got 'abc'"),
+    (b"steps: 4.5\n", "setting 'steps' must be int, got 4.5"),
+    (b"resume: 'no'\n", "setting 'resume' must be bool, got 'no'"),
+    (b"targets: 5\n", "targets 5: give a preset or glob"),
+    (b"size: [0, -8]\n", "size 0x-8: height and width must be positive multiples of 8"),
+    (b"1: 2\n", "must be a mapping of setting: value"),
+    (b"\xff\xfe\x00budget", "is not UTF-8 text"),
+    (b"steps: [4\n", "is not valid YAML"),
+])
+def test_bad_recipe_values(tmp_path, text, message):
+    from maskopt.config import resolve
+    from maskopt.errors import MaskoptError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(text)
+    with pytest.raises(MaskoptError, match=message.replace("[", "\\[")) as e:
+        resolve(str(recipe))
+    assert "\n" not in str(e.value)
+    assert resolve(None, guidance=7).guidance == 7.0  # an int where a float is due is fine
+
+
 def test_shipped_recipes_parse():
     from maskopt.config import resolve
 
@@ -201,6 +223,16 @@ def _bad(tmp_path, pipe_dir, prompts, *extra, out=None):
     (None, ["--scheduler", "warp"], "unknown scheduler 'warp'; valid: ddim"),
     (None, ["--buckets", "5"], "--buckets 5 is larger than the number of sampling steps \\(4\\)"),
     (None, ["--gate-range", "1.2:1.5"], "must hold 1"),
+    (lambda p: (p.unlink(), p.mkdir()), [], "prompt file .* is a folder"),
+    (None, ["--size", "0x0"], "size 0x0: height and width must be positive multiples of 8"),
+    (None, ["--size", "33x32"], "multiples of 8"),
+    (None, ["--space", "groups", "--groups", "-1"], "--groups must be at least 1, got -1"),
+    (None, ["--steps", "0"], "--steps must be at least 1, got 0"),
+    (None, ["--cache", "-1"], "--cache must be 0"),
+    (None, ["--device", "tpu0"], "unknown device 'tpu0'"),
+    (None, ["--space", "bogus"], "Invalid value for '--space'"),
+    (None, ["--reward", "python:reward_fns:raises"], "the reward python:reward_fns:raises raised RuntimeError: boom"),
+    (None, ["--reward", "python:reward_fns:always_nan"], "NaN or inf for the unmasked baseline"),
 ])
 def test_bad_input(tmp_path, pipe_dir, prompts, setup, extra, message):
     if setup:
@@ -229,6 +261,53 @@ def test_resume_with_other_configuration(tmp_path, pipe_dir, prompts):
     assert CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "2")).exit_code == 0
     r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "3", "--resume", "--steps", "6"))
     assert r.exit_code != 0 and "different configuration (steps: 4 there, 6 now)" in r.output
+
+
+def test_resume_compares_prompts_not_spellings(tmp_path, pipe_dir, prompts):
+    """A moved prompt file or the default optimizer named resumes; an edited prompt file does not."""
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "2")).exit_code == 0
+    moved = tmp_path / "elsewhere.txt"
+    moved.write_text(prompts.read_text())
+    r = CliRunner().invoke(main, args(pipe_dir, moved, out, "--budget", "3", "--resume", "--optimizer", "NGOpt"))
+    assert r.exit_code == 0, r.output
+    assert len(journal(out)[1]) == 3
+    moved.write_text(prompts.read_text() + "a green bird\n")
+    r = CliRunner().invoke(main, args(pipe_dir, moved, out, "--budget", "4", "--resume"))
+    assert r.exit_code != 0 and "the search prompts differ from the journal's" in r.output
+    assert len(journal(out)[1]) == 3  # nothing appended
+
+
+def test_failed_setup_leaves_folders_as_they_were(tmp_path, pipe_dir, prompts):
+    mine = tmp_path / "mine"
+    mine.mkdir()  # the user's empty folder stays, empty
+    assert _bad(tmp_path, pipe_dir, prompts, "--targets", "nope.*", out=mine).exit_code != 0
+    assert mine.is_dir() and not any(mine.iterdir())
+    # folders the search made are removed, parents included, with or without --resume
+    for extra in ([], ["--resume"]):
+        r = _bad(tmp_path, pipe_dir, prompts, "--targets", "nope.*", *extra, out=tmp_path / "a" / "b" / "c")
+        assert r.exit_code != 0 and "matches no unit" in r.output
+        assert not (tmp_path / "a").exists()
+
+
+def test_reward_failing_mid_search_keeps_the_journal(tmp_path, pipe_dir, prompts):
+    """Evaluations made before a reward raises stay journaled; --resume with a working reward continues."""
+    import reward_fns
+
+    out = tmp_path / "run"
+    reward_fns._raise_after.update(n=0, at=4)  # calls 1-3 (the baseline and two candidates) score, call 4 raises
+    a = args(pipe_dir, prompts, out, "--budget", "5")
+    a[a.index("python:reward_fns:brightness")] = "python:reward_fns:raises_later"
+    r = CliRunner().invoke(main, a)
+    last = r.output.strip().splitlines()[-1]  # after the progress bar: the error, one line
+    assert r.exit_code != 0 and last.startswith("Error: the reward python:reward_fns:raises_later raised "
+                                                 "RuntimeError: model server went away"), r.output
+    assert "3 evaluations kept in" in last and "--resume continues" in last
+    assert len(journal(out)[1]) == 3
+    reward_fns._raise_after.update(n=0, at=10**9)
+    r = CliRunner().invoke(main, a + ["--resume"])
+    assert r.exit_code == 0, r.output
+    assert len(journal(out)[1]) == 5 and (out / "masks.json").exists()
 
 
 def test_unwritable_output(tmp_path, pipe_dir, prompts):

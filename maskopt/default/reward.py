@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MaskoptError
 from ..rewards.base import batched, check_inputs
 from .classifier import FEATURE_DIM, load_classifier
 from .data import DIGIT_WORDS, load_split
@@ -32,14 +33,14 @@ _DIGIT_NAMES = {word: i for i, word in enumerate(DIGIT_WORDS)} | {str(i): i for 
 def digit_of(prompt: str) -> int:
     """The digit a prompt names, as a numeral ("a 7") or a word ("the digit seven").
 
-    Raises ValueError when the prompt names no digit or several different ones.
+    Raises MaskoptError (a ValueError) when the prompt names no digit or several different ones.
     """
     words = re.findall(r"[a-z]+|[0-9]+", prompt.lower())
     found = sorted({_DIGIT_NAMES[w] for w in words if w in _DIGIT_NAMES})
     if not found:
-        raise ValueError(f"prompt {prompt!r} names no digit (0-9 or zero..nine)")
+        raise MaskoptError(f"prompt {prompt!r} names no digit (0-9 or zero..nine)")
     if len(found) > 1:
-        raise ValueError(f"prompt {prompt!r} names several digits {found}; the reward needs exactly one")
+        raise MaskoptError(f"prompt {prompt!r} names several digits {found}; the reward needs exactly one")
     return found[0]
 
 
