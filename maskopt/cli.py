@@ -17,14 +17,21 @@ from .errors import MaskoptError
 MODEL_HELP = "Hub id or local folder of a diffusers pipeline (or U-Net); default: the embedded digits pipeline."
 
 
+class _UsageError(click.ClickException):
+    exit_code = 2  # click's status for bad options, without its usage block: one line
+
+
 class _Group(click.Group):
-    """Bad input becomes a one-line `Error: ...` and exit status 1, not a traceback."""
+    """Bad input becomes a one-line `Error: ...` and exit status 1 (2 for a bad option), not a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MaskoptError as e:
             raise click.ClickException(str(e)) from None
+        except click.UsageError as e:
+            where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            raise _UsageError(e.format_message() + where) from None
 
 
 @click.group(cls=_Group)

@@ -64,18 +64,44 @@ def _quiet_loading():
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    level = transformers.utils.logging.get_verbosity()
+    levels = transformers.utils.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
+    # diffusers logs "Couldn't connect to the Hub" / "Will try to load from local cache" on its way to an
+    # error that _load_error words in one line
     transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    hub = logging.getLogger("huggingface_hub")  # its retry warnings, on the same way
+    hub_level = hub.level
+    hub.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
             yield
     finally:
-        transformers.utils.logging.set_verbosity(level)
+        transformers.utils.logging.set_verbosity(levels[0])
+        diffusers.utils.logging.set_verbosity(levels[1])
+        hub.setLevel(hub_level)
+
+
+def _unreachable(e: BaseException | None) -> bool:
+    """Did loading fail because the hub could not be reached (offline, no network) rather than a bad id?"""
+    seen = 0
+    while e is not None and seen < 20:
+        text = f"{type(e).__name__} {e}".lower()
+        if any(k in text for k in ("connection", "offline", "localentrynotfound", "not fully cached",
+                                   "outgoing traffic has been disabled", "name or service not known")):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _load_error(what: str, model: str, e: Exception) -> MaskoptError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    if not Path(model).expanduser().exists() and _unreachable(e):
+        return MaskoptError(f"could not load {what} from {model!r}: it is not in the local Hugging Face cache and the "
+                            "hub cannot be reached; download it where there is a network (huggingface-cli download "
+                            f"{model}) and copy the cache, or pass its local folder")
+    first = text.splitlines()[0] if text else type(e).__name__
     return MaskoptError(f"could not load {what} from {model!r}: {first}")
 
 

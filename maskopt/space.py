@@ -15,6 +15,7 @@ tells each result of a discrete space twice, and the search never evaluates a ca
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from typing import Any
 
@@ -62,10 +63,12 @@ def optimizer(name: str | None, param: ng.p.Parameter, kind: str, budget: int, w
     """A nevergrad optimizer by registry name (default per space), seeded with the all-ones baseline."""
     name = name or DEFAULT_OPTIMIZER[kind]
     if name not in ng.optimizers.registry:
-        close = sorted(n for n in ng.optimizers.registry if name.lower()[:4] in n.lower())[:8]
+        names = sorted(ng.optimizers.registry)
+        # nevergrad registers hundreds of names: list the closest, spelled as it spells them
+        close = [n for n in names if n.lower() == name.lower()] or difflib.get_close_matches(name, names, n=6, cutoff=0.6)
         raise MaskoptError(
-            f"unknown optimizer {name!r}; valid: any name in nevergrad.optimizers.registry"
-            + (f" (close: {', '.join(close)})" if close else " (e.g. NGOpt, CMA, DiscreteOnePlusOne, TwoPointsDE)")
+            f"unknown optimizer {name!r}; valid: any of nevergrad's {len(names)} registry names, "
+            + (f"closest: {', '.join(close)}" if close else "e.g. NGOpt, CMA, OnePlusOne, DiscreteOnePlusOne, TwoPointsDE")
         )
     if workers > 1 and getattr(ng.optimizers.registry[name], "no_parallelization", False):
         raise MaskoptError(f"optimizer {name!r} evaluates one candidate at a time: use --workers 1, or an optimizer "

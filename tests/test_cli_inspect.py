@@ -27,3 +27,24 @@ def test_inspect_bad_inputs(tmp_path, unet):
     r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "unet"), "--targets", "nope.*"])
     assert r.exit_code != 0 and "'nope.*' matches no unit" in r.output
     assert len(r.output.strip().splitlines()) <= 2  # header + one-line error, no traceback
+
+
+def test_hub_id_not_cached_offline_is_one_line(tmp_path):
+    """A hub id that is neither cached nor reachable: one line saying so, whatever diffusers logs on the way."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),  # an empty cache, no network
+           "PYTHONPATH": os.path.dirname(__file__)}
+    r = subprocess.run([sys.executable, "-m", "maskopt.cli", "search", "--model", "someorg/not-cached", "--prompts",
+                        str(prompts), "--reward", "python:reward_fns:brightness", "--out", str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: could not load pipeline from 'someorg/not-cached': it is not in the local Hugging Face cache and the hub "
+        "cannot be reached; download it where there is a network (huggingface-cli download someorg/not-cached) and "
+        "copy the cache, or pass its local folder"]
+    assert not (tmp_path / "run").exists()
