@@ -54,7 +54,7 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
     """Check every input that can be checked before loading a model; returns the resolved inputs."""
     from . import default
     from .models import SCHEDULERS
-    from .rewards import check_spec
+    from .rewards import PYTHON_PREFIX, check_spec, load_python
 
     embedded = cfg.model is None
     if not embedded and not cfg.prompts:
@@ -64,6 +64,9 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
     holdout = read_prompts(holdout_file) if holdout_file else prompts
     reward = cfg.reward or ("digits" if embedded else "clip")
     terms = check_spec(reward)
+    for term, _ in terms:
+        if term.startswith(PYTHON_PREFIX):
+            load_python(term)  # imports the user's module: a missing module or function fails before the model loads
     if any(term.partition("@")[0].strip() == "digits" for term, _ in terms):
         _check_digit_prompts(cfg.prompts or default.PROMPTS_PATH, prompts, holdout_file, holdout)
     if cfg.scheduler and cfg.scheduler not in SCHEDULERS:

@@ -233,6 +233,7 @@ def _bad(tmp_path, pipe_dir, prompts, *extra, out=None):
     (None, ["--space", "bogus"], "Invalid value for '--space'"),
     (None, ["--reward", "python:reward_fns:raises"], "the reward python:reward_fns:raises raised RuntimeError: boom"),
     (None, ["--reward", "python:reward_fns:always_nan"], "NaN or inf for the unmasked baseline"),
+    (None, ["--reward", "python:no_such_module:f"], "cannot import module 'no_such_module'"),
 ])
 def test_bad_input(tmp_path, pipe_dir, prompts, setup, extra, message):
     if setup:

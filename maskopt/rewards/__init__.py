@@ -122,4 +122,4 @@ def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float
     return WeightedSum([(term, w, _load_term(term, device, dtype)) for term, w in terms], name=spec)
 
 
-__all__ = ["REWARDS", "Reward", "WeightedSum", "check_spec", "load_reward", "valid_names"]
+__all__ = ["PYTHON_PREFIX", "REWARDS", "Reward", "WeightedSum", "check_spec", "load_python", "load_reward", "valid_names"]
