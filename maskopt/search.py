@@ -124,9 +124,8 @@ def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> P
         diff = [k for k in keys if before.get(k) != now.get(k)]
         if diff:
             k = diff[0]
-            there, here = ("", "") if k in prompts else (repr(before.get(k)), repr(now.get(k)))
-            what = (f"{k}: {there} there, {here} now" if k not in prompts else
-                    f"the {'search' if k == 'prompts' else 'held-out'} prompts differ from the journal's")
+            what = (f"the {'search' if k == 'prompts' else 'held-out'} prompts differ from the journal's" if k in prompts
+                    else f"{k}: {before.get(k)!r} there, {now.get(k)!r} now")
             raise MaskoptError(f"--resume: journal in {out} is from a different configuration ({what}"
                                + (f"; also {', '.join(diff[1:])}" if diff[1:] else "") + ")")
     made = next((a for a in reversed([out, *out.parents]) if not a.exists()), None)
