@@ -175,13 +175,12 @@ def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
         from .default import RECIPE_PATH
 
         recipe = str(RECIPE_PATH)
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
-    where = f" (recipe {recipe})" if recipe else ""
-    try:
-        cfg = SearchConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    try:  # every recipe value is checked, also those a flag overrides
+        values = {k: _coerce(k, v) for k, v in (load_recipe(recipe) if recipe else {}).items()}
     except MaskoptError as e:
-        raise MaskoptError(f"{e}{where}") from None
+        raise MaskoptError(f"{e} (recipe {recipe})") from None
+    values.update({k: _coerce(k, v) for k, v in flags.items() if v is not None and v != ()})
+    cfg = SearchConfig(**values)
     if cfg.out is None:
         if cfg.resume:
             raise MaskoptError("--resume needs --out: the folder of the search to continue")

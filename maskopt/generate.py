@@ -20,7 +20,9 @@ from typing import Any, Callable
 import torch
 
 from .buckets import Buckets, scalar_timestep
+from .config import check_size
 from .errors import MaskoptError
+from .paths import check_writable, make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +170,23 @@ def _has_onnx(folder: Path) -> bool:
 
 def generate(config: GenerateConfig) -> Path:
     """Generate one image and save it to `config.out`."""
-    image = generate_image(config)
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_image_path(out)  # before the work, not after it
+    image = generate_image(config)
+    make_folder(out.parent, "--out")
     image.save(out)
     return out
+
+
+def check_image_path(out: Path) -> None:
+    """An image file name PIL can write (.png, .jpg, ...) in a folder that can be written."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise MaskoptError(f"--out {out} is a folder; give an image file name, e.g. {out / 'image.png'}")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise MaskoptError(f"--out {out}: give an image file name ending in .png (or .jpg, .webp)")
+    check_writable(out, "--out")
 
 
 def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None = None) -> Any:
@@ -181,9 +195,13 @@ def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None
     from .export.manifest import Manifest
     from .masking import apply
     from .maskset import MaskSet, fingerprint
-    from .models import load_pipeline
+    from .models import check_device, load_pipeline
 
     # 1. Check inputs
+    if config.steps < 1:
+        raise MaskoptError(f"--steps must be at least 1, got {config.steps}")
+    if config.size is not None:
+        check_size(config.size)
     backend = resolve_backend(config)
     manifest = Manifest.load(config.export_dir) if config.export_dir is not None else None
     masks = None
@@ -192,6 +210,7 @@ def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None
     # 2. Pipeline, checked against what the masks/variants were made for
     model = resolve_model(config.model, manifest.model if manifest else masks.source)
     device = config.device or ("cuda" if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()) else "cpu")
+    check_device(device)
     pipe = load_pipeline(model, device=device)
     made_for = manifest.masks["fingerprint"] if manifest else masks.fingerprint
     if made_for and fingerprint(pipe.unet) != made_for:

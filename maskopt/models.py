@@ -34,6 +34,21 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+DEFAULT_SOURCE = "maskopt:default"  # a mask file's source when it was searched on the embedded default
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, and a CUDA device only where torch sees one."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise MaskoptError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
+    if kind not in ("cpu", "cuda"):
+        raise MaskoptError(f"--device {device}: maskopt runs on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MaskoptError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
+
+
 def default_model() -> str:
     """Path of the embedded default pipeline (digits), shipped inside the package."""
     from .default import PIPELINE_DIR

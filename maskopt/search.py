@@ -53,7 +53,7 @@ class SearchResult:
 def prepare(cfg: SearchConfig) -> dict[str, Any]:
     """Check every input that can be checked before loading a model; returns the resolved inputs."""
     from . import default
-    from .models import SCHEDULERS
+    from .models import SCHEDULERS, check_device
     from .rewards import PYTHON_PREFIX, check_spec, load_python
 
     embedded = cfg.model is None
@@ -71,7 +71,7 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
         _check_digit_prompts(cfg.prompts or default.PROMPTS_PATH, prompts, holdout_file, holdout)
     if cfg.scheduler and cfg.scheduler not in SCHEDULERS:
         raise MaskoptError(f"unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-    _check_device(cfg.device)
+    check_device(cfg.device)
     # names a bad space, gate range or optimizer before any model loads
     close(optimizer(cfg.optimizer, space(cfg.space, cfg.buckets, 1, cfg.gate_range), cfg.space, cfg.budget, cfg.workers))
     out = Path(cfg.out)
@@ -91,19 +91,6 @@ def _check_digit_prompts(path: Any, prompts: list[str], holdout_path: Any, holdo
                 digit_of(prompt)
             except MaskoptError as e:
                 raise MaskoptError(f"prompt file {file}: {e} (the digits reward needs one digit per prompt)") from None
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise MaskoptError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MaskoptError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
-    if kind not in ("cpu", "cuda"):
-        raise MaskoptError(f"--device {device}: maskopt runs on cpu or cuda")
 
 
 def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> Path | None:
@@ -159,13 +146,13 @@ def bucket_steps(pipe: Any, buckets: Buckets, steps: int) -> list[int]:
 
 def load_model(cfg: SearchConfig) -> tuple[Any, MaskSet]:
     """The pipeline `cfg` names and its all-ones mask set over the searched units and buckets."""
-    from .models import load_pipeline
+    from .models import DEFAULT_SOURCE, load_pipeline
     from .units import find_units
 
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
     units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
     buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
-    return pipe, MaskSet.ones(pipe.unet, units, buckets, source=cfg.model or "maskopt:default")
+    return pipe, MaskSet.ones(pipe.unet, units, buckets, source=cfg.model or DEFAULT_SOURCE)
 
 
 def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:

@@ -157,3 +157,13 @@ def test_prompts_without_a_digit_are_refused_before_loading(tmp_path):
         f"Error: prompt file {prompts}: prompt 'a photo of a cat' names no digit (0-9 or zero..nine) "
         "(the digits reward needs one digit per prompt)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_flag_is_not_blamed_on_the_embedded_recipe(tmp_path):
+    from click.testing import CliRunner
+
+    from maskopt.cli import main
+
+    r = CliRunner().invoke(main, ["search", "--size", "0x0", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and r.output.strip() == (
+        "Error: size 0x0: height and width must be positive multiples of 8, e.g. 512x512")

@@ -143,6 +143,12 @@ def test_bad_inputs_fail_before_any_work(monkeypatch):
     assert not out.exists()
     r = cli("export", "--masks", workspace() / "missing.json", "--out", out)
     assert r.exit_code == 1 and "does not exist" in r.output
+    r = cli("export", "--masks", workspace(), "--out", out)
+    assert r.exit_code == 1 and "is a folder; give its masks.json" in r.output
+    afile = workspace() / "a-file"
+    afile.write_text("x")
+    r = cli("export", "--masks", masks(), "--model", pipeline(), "--out", afile / "sub" / "export")
+    assert r.exit_code == 1 and f"--out {afile / 'sub' / 'export'}: {afile} is a file, not a folder" in r.output
 
 
 def test_mask_file_for_another_unet_is_refused():
@@ -157,6 +163,7 @@ def test_size_must_fit_the_unet_and_default_model_is_the_mask_source(monkeypatch
     assert export_pkg.resolve_model(None, str(pipeline() / "unet")) == str(pipeline())  # pipeline's unet subfolder
     assert export_pkg.resolve_model(None, "runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
     assert export_pkg.resolve_model(None, "UNet2DConditionModel") is None  # the embedded default
+    assert export_pkg.resolve_model(None, "maskopt:default") is None  # what a search on the embedded default writes
     assert export_pkg.resolve_model("x/y", "anything") == "x/y"
     assert Range.parse("512") == Range(512, 512, 512)
 

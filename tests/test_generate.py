@@ -82,6 +82,28 @@ def test_generate_bad_inputs(monkeypatch, tmp_path):
     assert len(r.output.strip().splitlines()) == 1  # one line, no traceback
 
 
+def test_generate_refuses_bad_options_before_loading(monkeypatch, tmp_path):
+    def no_model(*a, **k):
+        raise AssertionError("the pipeline was loaded before the options were checked")
+
+    monkeypatch.setattr("maskopt.models.load_pipeline", no_model)
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (["--steps", 0], "--steps must be at least 1, got 0"),
+        (["--size", "33x32"], "size 33x32: height and width must be positive multiples of 8"),
+        (["--device", "tpu0"], "unknown device 'tpu0'"),
+        (["--out", tmp_path], "is a folder; give an image file name"),
+        (["--out", tmp_path / "image"], "give an image file name ending in .png"),
+        (["--out", tmp_path / "a-file" / "x.png"], "a-file is a file, not a folder"),
+    ]
+    for flags, message in cases:
+        r = cli("generate", "--prompt", "x", "--masks", masks(), "--model", pipeline(), "--steps", 2,
+                "--out", tmp_path / "x.png", *flags)
+        assert r.exit_code == 1 and message in r.output, (flags, r.output)
+        assert len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_shape_outside_the_engine_profile_names_the_allowed_range():
     manifest = Manifest.load(exported())
     profile = ShapeProfile(batch=Range(2, 2, 2), height=Range(4, 8, 8), width=Range(4, 8, 8), seq=16, vae_scale=2)

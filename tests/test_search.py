@@ -181,6 +181,8 @@ def test_bad_recipe_values(tmp_path, text, message):
     with pytest.raises(MaskoptError, match=message.replace("[", "\\[")) as e:
         resolve(str(recipe))
     assert "\n" not in str(e.value)
+    with pytest.raises(MaskoptError, match=message.replace("[", "\\[")):  # a flag over it does not hide it
+        resolve(str(recipe), budget=3, steps=4, resume=True, targets=("paper",), size="32x32")
     assert resolve(None, guidance=7).guidance == 7.0  # an int where a float is due is fine
 
 

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MaskoptError
+from ..models import DEFAULT_SOURCE
+from ..paths import check_writable, make_folder
 from .manifest import FileEntry, Manifest, Variant, sha256
 from .shapes import OUTPUT, Range, ShapeProfile, Signature, downsampling, profile_for
 from .verify import TOLERANCES, Verification, require_parity
@@ -95,9 +97,9 @@ def export(config: ExportConfig, progress: Callable[[int, int], None] | None = N
     sig = Signature.from_unet(unet, time_ids=config.time_ids)
     profile = build_profile(config, unet, model)
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, "--out")
     staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"  # same disk as `out`: the rename is atomic
-    staging.mkdir()
+    make_folder(staging, "--out")
     try:
         # 3. For each bucket: bake -> ONNX -> verify -> (engine)
         built = [_export_bucket(config, unet, masks, k, sig, profile, staging) for k in _each(masks, progress)]
@@ -162,6 +164,9 @@ def check_options(config: ExportConfig) -> None:
         raise MaskoptError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not config.force:
         raise MaskoptError(f"--out {out} exists and is not empty (add --force to replace it)")
+    check_writable(out, "--out")  # the export is staged beside it
+    if Path(config.masks).is_dir():
+        raise MaskoptError(f"mask file {config.masks} is a folder; give its masks.json")
     if not Path(config.masks).is_file():
         raise MaskoptError(f"mask file {config.masks} does not exist")
 
@@ -171,7 +176,7 @@ def resolve_model(model: str | None, source: str | None) -> str | None:
     (the embedded default). A source pointing at a pipeline's `unet` subfolder resolves to the pipeline."""
     if model:
         return model
-    if not source:
+    if not source or source == DEFAULT_SOURCE:
         return None
     path = Path(source).expanduser()
     if path.exists():
