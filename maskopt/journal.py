@@ -3,6 +3,7 @@
 Line 1 is a header holding the resolved configuration; each further line is one evaluation:
     {"i": 3, "values": [[...], ...], "reward": 0.91, "objective": 0.91, "failed": false,
      "rewards": [per prompt], "seconds": 4.2, "cache_hits": 9}
+A failed candidate's non-finite rewards are written as null (strict JSON).
 After a SIGKILL the last line may be half-written: `read` drops it and `Journal` truncates it away.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -56,9 +58,20 @@ class Journal:
             self.append(header)
 
     def append(self, obj: dict[str, Any]) -> None:
-        self._f.write((json.dumps(obj) + "\n").encode())
+        self._f.write((json.dumps(_strict(obj), allow_nan=False) + "\n").encode())
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:
         self._f.close()
+
+
+def _strict(obj: Any) -> Any:
+    """NaN and inf (a failed candidate's rewards) as null: strict JSON, which jq and other readers accept."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj

@@ -205,6 +205,7 @@ def test_nan_rewards_are_failed_candidates(pipe_dir, prompts, tmp_path):
     r = CliRunner().invoke(main, a)
     _, entries = journal(out)
     assert [e["failed"] for e in entries] == [False, True, False, True, False]
+    assert entries[1]["reward"] is None and "NaN" not in (out / "journal.jsonl").read_text()  # strict JSON
     # the held-out check then hits a NaN too (call 6): no mask file, a one-line error
     assert r.exit_code != 0 and "NaN" in r.output and not (out / "masks.json").exists()
 
