@@ -212,7 +212,7 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
 @click.option("--guidance", type=float, default=7.5, show_default=True)
 @click.option("--size", default=None, help="Image size HxW in pixels (default: the pipeline's).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda for tensorrt, else cpu).")
-@click.option("--out", required=True, type=click.Path(), help="Image file to write (.png).")
+@click.option("--out", required=True, type=click.Path(), help="Image file to write (.png; .jpg and .webp work too).")
 def generate(prompt: str, masks_path: str | None, export_dir: str | None, backend: str | None, model: str | None,
              seed: int, steps: int, guidance: float, size: str | None, device: str | None, out: str) -> None:
     """Generate one image with the masked U-Net: PyTorch, or the exported variants switched by timestep."""
