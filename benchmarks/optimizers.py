@@ -7,8 +7,11 @@
 1. FreeU's grid (as in testbed_gain.py) on the held-out prompts x unseen seeds, once.
 2. Per optimizer: the default search with only `--optimizer` changed (same budget, prompts, seeds), then
    its masks on the same held-out images.
-3. One row per optimizer, printed as it finishes: search time, held-out gain over the baseline with its
-   bootstrap 95% CI, the Frechet distance to real digits, and the difference to FreeU's best setting.
+3. One row per optimizer, printed as it finishes: search time (the journal's evaluation seconds), held-out
+   gain over the baseline with its bootstrap 95% CI, the Frechet distance to real digits, and the paired
+   differences to FreeU's best setting and to the first optimizer listed (the space's default).
+With `--out`, each search's folder is kept; a later run with the same `--out` scores the kept masks
+again instead of searching (to add a column or an optimizer without redoing the others).
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from maskopt.config import resolve
+from maskopt.journal import read
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline
 from maskopt.search import run_search
@@ -52,31 +55,33 @@ def main() -> None:
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
     names = args.optimizers or CANDIDATES[args.space]
 
-    ev = None
-    print(f"{args.space}, {cfg.budget} evaluations each, held-out: {args.seeds} unseen seeds per prompt")
-    print(f"{'optimizer':26} {'runs':18} {'search s':>8} {'gain vs baseline [95% CI]':>30} {'Frechet':>8} "
-          f"{'minus best FreeU [95% CI]':>30}")
+    ev = first = None
+    print(f"{args.space}, {cfg.budget} evaluations each, held-out: {args.seeds} unseen seeds per prompt; "
+          f"search s: the journal's evaluation time")
+    print(f"{'optimizer':26} {'runs':26} {'search s':>8} {'gain vs baseline [95% CI]':>30} {'Frechet':>8} "
+          f"{'minus best FreeU [95% CI]':>30} {'minus ' + names[0] + ' [95% CI]':>34}")
     for name in names:
-        run = resolve(None, space=args.space, budget=args.budget, optimizer=name, out=str(root / name))
-        t0 = time.perf_counter()
-        result = run_search(run)
-        seconds = time.perf_counter() - t0
-        masks = MaskSet.load(result.masks_path, unet=pipe.unet)
+        folder = root / name
+        if not (folder / "masks.json").exists():  # a search kept from an earlier run is scored again, not redone
+            run_search(resolve(None, space=args.space, budget=args.budget, optimizer=name, out=str(folder)))
+        masks = MaskSet.load(folder / "masks.json", unet=pipe.unet)
+        seconds = sum(e["seconds"] for e in read(folder / "journal.jsonl")[1])
         if ev is None:  # the baseline and FreeU's grid, once, on the same held-out images as every row
             ev = held_out(pipe, masks, cfg, args.seeds)
             base = ev(np.ones_like(masks.values), keep_images=True)
             freeu = max(freeu_rows(pipe, ev), key=lambda row: versus(base, row[1])[0].diff)
             pf, ff = versus(base, freeu[1])
             print(f"{'(baseline Frechet ' + format(versus(base, base)[1], '.3f') + ')':26} "
-                  f"{'best FreeU: ' + freeu[0][6:]:18} {'':>8} {pf.diff:+.4f} [{pf.ci_low:+.4f}, {pf.ci_high:+.4f}] "
+                  f"{'best FreeU: ' + freeu[0][6:]:26} {'':>8} {pf.diff:+.4f} [{pf.ci_low:+.4f}, {pf.ci_high:+.4f}] "
                   f"{ff:8.3f}", flush=True)
         r = ev(masks.values, keep_images=True)
+        first = first or r
         p, fd = versus(base, r)
-        q = paired(freeu[1].rewards, r.rewards)
+        q, d = paired(freeu[1].rewards, r.rewards), paired(first.rewards, r.rewards)
         chosen = masks.provenance.get("optimizer_runs", name)
-        print(f"{name:26} {chosen:18} {seconds:8.0f} {p.diff:+.4f} [{p.ci_low:+.4f}, {p.ci_high:+.4f}] {fd:8.3f} "
-              f"{q.diff:+.4f} [{q.ci_low:+.4f}, {q.ci_high:+.4f}]", flush=True)
-
+        print(f"{name:26} {chosen:26} {seconds:8.0f} {p.diff:+.4f} [{p.ci_low:+.4f}, {p.ci_high:+.4f}] {fd:8.3f} "
+              f"{q.diff:+.4f} [{q.ci_low:+.4f}, {q.ci_high:+.4f}] {d.diff:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]",
+              flush=True)
 
 if __name__ == "__main__":
     main()

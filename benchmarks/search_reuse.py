@@ -69,7 +69,7 @@ def main() -> None:
 
     journal = args.journal or search_journal(args)
     header, entries, _ = read(journal)
-    cfg = SearchConfig(**{**header["config"], "gate_range": tuple(header["config"]["gate_range"])})
+    cfg = SearchConfig.from_dict(header["config"])
     make = evaluators(cfg, header)
     cached, plain = make(TrajectoryCache(SearchConfig.cache)), make(None)
 

@@ -55,6 +55,15 @@ class SearchConfig:
     # Settings that do not change what a search computes: free to differ on --resume.
     RUNTIME = ("out", "resume", "budget", "workers", "device", "cache", "batch_size")
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SearchConfig":
+        """Back from `to_dict` (a journal header's settings), every value checked as a recipe's would be."""
+        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+
+    def settings(self) -> dict[str, Any]:
+        """What the search computes with: every setting but the runtime ones (a journal's header keeps these)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME}
+
     def identity(self) -> dict[str, Any]:
         """What must match for --resume: every setting but the runtime ones, with equal spellings made equal.
 
@@ -63,7 +72,7 @@ class SearchConfig:
         """
         from .space import DEFAULT_OPTIMIZER
 
-        d = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME + ("prompts", "holdout_prompts")}
+        d = {k: v for k, v in self.settings().items() if k not in ("prompts", "holdout_prompts")}
         d["optimizer"] = self.optimizer or DEFAULT_OPTIMIZER.get(self.space)
         if self.model and Path(self.model).expanduser().exists():
             d["model"] = str(Path(self.model).expanduser().resolve())

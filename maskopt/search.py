@@ -105,7 +105,7 @@ def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> P
         header, _, _ = read(journal)
         if header is None:
             raise MaskoptError(f"--resume: {out} holds no search journal ({journal.name} missing or empty)")
-        before = {**header["config"], **{k: header.get(k) for k in prompts}}
+        before = {**SearchConfig.from_dict(header["config"]).identity(), **{k: header.get(k) for k in prompts}}
         now = {**cfg.identity(), **prompts}
         keys = [*prompts, *sorted((set(before) | set(now)) - set(prompts))]  # the prompts named first
         diff = [k for k in keys if before.get(k) != now.get(k)]
@@ -177,7 +177,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
                           cfg.size, TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size)
 
     # 3. The ask/tell loop, journaled.
-    header = {"config": cfg.identity(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
+    header = {"config": cfg.settings(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
               "reward": inputs["reward"], "optimizer": cfg.optimizer or DEFAULT_OPTIMIZER[cfg.space],
               "strategy": cfg.strategy, "prompts": inputs["prompts"], "holdout": inputs["holdout"]}
     journal = Journal(out / "journal.jsonl", header)

@@ -138,10 +138,25 @@ def test_short_search_on_the_default_improves_or_ties(tmp_path):
     assert header["reward"] == "digits" and header["config"]["guidance"] == 1.0 and len(entries) == 10
     masks = MaskSet.load(out / "masks.json", unet=DiffusionPipeline.from_pretrained(str(PIPELINE_DIR)).unet)
     assert masks.provenance["search_reward"] >= masks.provenance["baseline_search_reward"]
-    # NGOpt's pick is kept with the masks and named in the report
-    assert masks.provenance["optimizer"] == "NGOpt" and masks.provenance["optimizer_runs"] not in ("", "NGOpt")
-    assert f"(runs {masks.provenance['optimizer_runs']})" in (out / "report.md").read_text()
-    assert max(e["reward"] for e in entries) >= entries[0]["reward"] and len(masks.units) == 32
+    # the embedded recipe: channel groups of the 32 paper units, searched by the groups space's default optimizer
+    assert masks.provenance["space"] == "groups" and masks.provenance["optimizer"] == "DiscreteLenglerOnePlusOne"
+    assert masks.provenance["optimizer_runs"] == "DiscreteLenglerOnePlusOne"
+    assert max(e["reward"] for e in entries) >= entries[0]["reward"] and len(masks.units) == 4 * 32
+
+
+def test_the_optimizer_ngopt_picks_is_kept_and_reported(tmp_path):
+    from click.testing import CliRunner
+
+    from maskopt.cli import main
+    from maskopt.maskset import MaskSet
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["search", "--space", "gates", "--budget", "4", "--seeds", "1", "--holdout-seeds", "1",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    prov = MaskSet.load(out / "masks.json").provenance
+    assert prov["optimizer"] == "NGOpt" and prov["optimizer_runs"] not in ("", "NGOpt")
+    assert f"optimizer: `NGOpt` (runs {prov['optimizer_runs']})" in (out / "report.md").read_text()
 
 
 def test_prompts_without_a_digit_are_refused_before_loading(tmp_path):
