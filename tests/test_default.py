@@ -139,8 +139,8 @@ def test_short_search_on_the_default_improves_or_ties(tmp_path):
     masks = MaskSet.load(out / "masks.json", unet=DiffusionPipeline.from_pretrained(str(PIPELINE_DIR)).unet)
     assert masks.provenance["search_reward"] >= masks.provenance["baseline_search_reward"]
     # the embedded recipe: channel groups of the 32 paper units, searched by the groups space's default optimizer
-    assert masks.provenance["space"] == "groups" and masks.provenance["optimizer"] == "DiscreteLenglerOnePlusOne"
-    assert masks.provenance["optimizer_runs"] == "DiscreteLenglerOnePlusOne"
+    assert masks.provenance["space"] == "groups" and masks.provenance["optimizer"] == "DiscreteOnePlusOne"
+    assert masks.provenance["optimizer_runs"] == "DiscreteOnePlusOne"
     assert max(e["reward"] for e in entries) >= entries[0]["reward"] and len(masks.units) == 4 * 32
 
 

@@ -459,9 +459,9 @@ def test_groups_space_searches_channel_groups(pipe_dir, prompts, tmp_path):
     r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "5", "--space", "groups"))
     assert r.exit_code == 0, r.output
     header, entries = journal(out)
-    assert header["optimizer"] == "DiscreteLenglerOnePlusOne" and all(u["kind"] == "group" for u in header["units"])
+    assert header["optimizer"] == "DiscreteOnePlusOne" and all(u["kind"] == "group" for u in header["units"])
     values = np.asarray([e["values"] for e in entries])
     assert set(np.unique(values)) <= {0.0, 1.0} and len({v.tobytes() for v in values}) == 5
     # deterministic values: the stochastic Choice switched off a third of all groups in every candidate;
-    # the (1+1) family flips a few (DiscreteLenglerOnePlusOne starts with larger, shrinking mutations)
+    # the (1+1) family flips a few (DiscreteOnePlusOne starts with larger, shrinking mutations)
     assert all((v == 0).mean() < 0.2 for v in values[1:])
