@@ -83,5 +83,6 @@ def main() -> None:
               f"{q.diff:+.4f} [{q.ci_low:+.4f}, {q.ci_high:+.4f}] {d.diff:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]",
               flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -54,7 +54,7 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
     """Check every input that can be checked before loading a model; returns the resolved inputs."""
     from . import default
     from .models import SCHEDULERS, check_device
-    from .rewards import PYTHON_PREFIX, check_spec, load_python
+    from .rewards import PYTHON_PREFIX, load_python, reward_names
 
     embedded = cfg.model is None
     if not embedded and not cfg.prompts:
@@ -63,11 +63,11 @@ def prepare(cfg: SearchConfig) -> dict[str, Any]:
     holdout_file = cfg.holdout_prompts or (default.HOLDOUT_PROMPTS_PATH if embedded and not cfg.prompts else None)
     holdout = read_prompts(holdout_file) if holdout_file else prompts
     reward = cfg.reward or ("digits" if embedded else "clip")
-    terms = check_spec(reward)
-    for term, _ in terms:
-        if term.startswith(PYTHON_PREFIX):
-            load_python(term)  # imports the user's module: a missing module or function fails before the model loads
-    if any(term.partition("@")[0].strip() == "digits" for term, _ in terms):
+    names = reward_names(reward)
+    for name in names:
+        if name.startswith(PYTHON_PREFIX):
+            load_python(name)  # imports the user's module: a missing module or function fails before the model loads
+    if "digits" in names:
         _check_digit_prompts(cfg.prompts or default.PROMPTS_PATH, prompts, holdout_file, holdout)
     if cfg.scheduler and cfg.scheduler not in SCHEDULERS:
         raise MaskoptError(f"unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")

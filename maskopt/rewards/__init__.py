@@ -113,6 +113,11 @@ def check_spec(spec: str) -> list[tuple[str, float]]:
     return terms
 
 
+def reward_names(spec: str) -> list[str]:
+    """The reward name of each term of a spec (python terms whole), every term checked, nothing loaded."""
+    return [_parse_term(term)[0] for term, _ in check_spec(spec)]
+
+
 def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Reward:
     """The reward a spec names (grammar above); MaskoptError (a ValueError) naming the bad part."""
     spec = spec.strip()
@@ -122,4 +127,5 @@ def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float
     return WeightedSum([(term, w, _load_term(term, device, dtype)) for term, w in terms], name=spec)
 
 
-__all__ = ["PYTHON_PREFIX", "REWARDS", "Reward", "WeightedSum", "check_spec", "load_python", "load_reward", "valid_names"]
+__all__ = ["PYTHON_PREFIX", "REWARDS", "Reward", "WeightedSum", "check_spec", "load_python", "load_reward", "reward_names",
+           "valid_names"]
