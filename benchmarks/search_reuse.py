@@ -35,7 +35,7 @@ from maskopt.search import load_model, prepare, run_search
 def search_journal(args: argparse.Namespace) -> Path:
     out = Path(tempfile.mkdtemp(prefix="maskopt-reuse-")) / "run"
     cfg = resolve(args.recipe, budget=args.budget, buckets=args.buckets, space=args.space, out=str(out),
-                  optimizer=args.optimizer, strategy=args.strategy, holdout_seeds=1)
+                  optimizer=args.optimizer, strategy=args.strategy, device=args.device, holdout_seeds=1)
     t0 = time.perf_counter()
     run_search(cfg)
     print(f"search: {cfg.budget} evaluations ({cfg.strategy}) in {time.perf_counter() - t0:.0f} s -> {out}")
@@ -63,13 +63,17 @@ def main() -> None:
     ap.add_argument("--space", default=None)
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--strategy", default=None)
+    ap.add_argument("--device", default=None, help="cpu (2 threads, as the README's figures) or cuda")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    if args.device in (None, "cpu"):
+        torch.set_num_threads(2)
 
     journal = args.journal or search_journal(args)
     header, entries, _ = read(journal)
     cfg = SearchConfig.from_dict(header["config"])
+    if args.device is not None:
+        cfg = dataclasses.replace(cfg, device=args.device)
     make = evaluators(cfg, header)
     cached, plain = make(TrajectoryCache(SearchConfig.cache)), make(None)
 

@@ -47,14 +47,16 @@ def main() -> None:
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--strategy", default=None, help="joint (default) or sweep")
     ap.add_argument("--workers", type=int, default=None, help="candidates evaluated together")
+    ap.add_argument("--device", default=None, help="cpu (2 threads, as the README's figures) or cuda")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    if args.device in (None, "cpu"):
+        torch.set_num_threads(2)
 
     out = args.out or tempfile.mkdtemp(prefix="maskopt-testbed-")
     cfg = resolve(args.recipe, budget=args.budget, out=out, space=args.space,
                   targets=tuple(args.targets) if args.targets else None, optimizer=args.optimizer,
-                  strategy=args.strategy, workers=args.workers)
+                  strategy=args.strategy, workers=args.workers, device=args.device)
     t0 = time.perf_counter()
     result = run_search(cfg)
     search_s = time.perf_counter() - t0
@@ -90,7 +92,7 @@ def main() -> None:
 def held_out(pipe, masks: MaskSet, cfg: SearchConfig, seeds: int) -> Evaluator:
     """An evaluator on the held-out prompts x unseen seeds 1000..1000+seeds-1, with the search's sampler settings."""
     prompts = read_prompts(cfg.holdout_prompts or HOLDOUT_PROMPTS_PATH)
-    return Evaluator(pipe, DigitReward(), masks, prompts, range(1000, 1000 + seeds), cfg.steps, cfg.guidance, cfg.size)
+    return Evaluator(pipe, DigitReward(device=cfg.device), masks, prompts, range(1000, 1000 + seeds), cfg.steps, cfg.guidance, cfg.size)
 
 
 def freeu_rows(pipe, ev: Evaluator) -> list[tuple[str, Evaluation]]:

@@ -29,13 +29,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--candidates", type=int, default=48)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--space", default=None, help="gates (the default's), binary or groups")
+    ap.add_argument("--space", default=None, help="groups (the default's), gates or binary")
+    ap.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device in (None, "cpu"):
         torch.set_num_threads(2)
 
-    cfg = resolve(args.recipe, device=args.device, space=args.space)
+    cfg = resolve(args.recipe, device=args.device, space=args.space, dtype=args.dtype)
     evaluator = evaluators(cfg)(None)
     shape = evaluator.template.values.shape
     rng = np.random.default_rng(0)
@@ -44,7 +45,7 @@ def main() -> None:
     candidates = [draw() for _ in range(args.candidates)]
     evaluator(candidates[0])  # warm-up
     print(f"{cfg.model or 'embedded default'}, {cfg.space}, K={shape[0]}, {shape[1]} units, "
-          f"{len(evaluator.image_prompts)} images per candidate, device {cfg.device}")
+          f"{len(evaluator.image_prompts)} images per candidate, device {cfg.device}, {cfg.dtype}")
     for w in args.workers:
         alone = together = 0.0
         diff = 0.0

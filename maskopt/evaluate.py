@@ -164,6 +164,25 @@ def _as_output(sample: torch.Tensor, return_dict: bool) -> Any:
     return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
 
 
+@contextmanager
+def full_fp32(device: torch.device) -> Iterator[None]:
+    """fp32 convolutions and matmuls in full fp32 on CUDA, not TF32, for as long as the block runs.
+
+    Why: PyTorch lets cuDNN run fp32 convolutions in TF32 by default. Then a candidate's rewards depend on
+    the batch it shares (`--workers`) by up to 1.1e-2 per image on the embedded default (one H200), against
+    1.7e-5 in full fp32; the search's objective must not. fp16 and bf16 pipelines are not affected.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class Evaluator:
     """Scores value matrices for one pipeline, prompt set, seed set and sampler setting."""
 
@@ -206,7 +225,7 @@ class Evaluator:
         masking = apply(unet, masksets[0], check=False) if w == 1 else per_sample(unet, masksets)
         hits, calls = [0] * w, [0] * w
         images: list[list[torch.Tensor]] = [[] for _ in range(w)]
-        with masking:
+        with full_fp32(unet.device), masking:
             for start in range(0, n, step):
                 m = min(step, n - start)
                 with stepping(unet, masksets, m, self.cache, start, masking if w > 1 else None) as run:
@@ -215,7 +234,8 @@ class Evaluator:
                     images[c].append(out[c * m:(c + 1) * m])
                     hits[c], calls[c] = hits[c] + run["hits"][c], calls[c] + run["calls"][c]
         per = [torch.cat(chunks) for chunks in images]
-        scores = self._score(torch.cat(per), self.image_prompts * w)
+        with full_fp32(unet.device):
+            scores = self._score(torch.cat(per), self.image_prompts * w)
         seconds = (time.perf_counter() - t0) / w
         results = []
         for c in range(w):

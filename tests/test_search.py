@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -122,6 +123,21 @@ def test_candidates_evaluated_together_match_one_at_a_time(pipe_dir, tmp_path, p
     group = cached.many([b, c])  # b's first 4 steps come from the cache while c runs them
     assert [e.cache_hits for e in group] == [4, 0] and [e.unet_calls for e in group] == [2, 6]
     assert np.abs(np.asarray([e.rewards for e in group]) - alone[1:]).max() < 1e-6
+
+
+@pytest.mark.parametrize("device,inside", [("cuda", (False, False)), ("cpu", (True, True))])
+def test_evaluations_on_cuda_run_fp32_without_tf32(device, inside, monkeypatch):
+    """TF32 made a candidate's rewards depend on its batch by 1e-2 on an H200; the evaluator turns it off for
+    its own run on CUDA and gives the caller's settings back, also when the block raises."""
+    from maskopt.evaluate import full_fp32
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    with pytest.raises(RuntimeError):
+        with full_fp32(torch.device(device)):
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == inside
+            raise RuntimeError
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
 
 
 def test_resume_after_sigkill(pipe_dir, prompts, tmp_path):
