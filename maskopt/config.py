@@ -7,6 +7,7 @@ config is saved at the head of the journal and in the mask file's provenance.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import types
 import typing
@@ -18,6 +19,7 @@ import yaml
 
 from .errors import MaskoptError
 
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("sweep", "joint")
 
@@ -190,6 +192,8 @@ def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
         raise MaskoptError(f"{e} (recipe {recipe})") from None
     values.update({k: _coerce(k, v) for k, v in flags.items() if v is not None and v != ()})
     cfg = SearchConfig(**values)
+    if "gate_range" in values and cfg.space != "gates":
+        logger.warning("--gate-range bounds the gates space only; with --space %s it is not used", cfg.space)
     if cfg.out is None:
         if cfg.resume:
             raise MaskoptError("--resume needs --out: the folder of the search to continue")
