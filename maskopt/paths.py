@@ -18,9 +18,29 @@ def check_writable(path: Path, what: str) -> None:
         raise MaskoptError(f"{what} {path}: cannot write in {ancestor}")
 
 
-def make_folder(path: Path, what: str) -> None:
-    """mkdir -p, with a failure (a read-only or virtual file system) as one line."""
+def make_folder(path: Path, what: str) -> Path | None:
+    """mkdir -p, with a failure (a read-only or virtual file system) as one line.
+
+    Returns the topmost folder it made (None if `path` was there), for `remove_made` after a failure.
+    """
+    path = Path(path)
+    made = next((a for a in reversed([path, *path.parents]) if not a.exists()), None)
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        remove_made(made, path)
         raise MaskoptError(f"{what} {path}: cannot create it ({e.strerror})") from None
+    return made
+
+
+def remove_made(made: Path | None, path: Path) -> None:
+    """Remove the folders from `path` up to `made` that are empty: what `make_folder` made, if nothing came in since."""
+    if made is None:
+        return
+    for folder in [Path(path), *Path(path).parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == made:
+            return

@@ -1,6 +1,7 @@
 """`maskopt export` on tiny SD1.5-, SD2.1- and SDXL-shaped pipelines: parity per variant, manifest, bad input."""
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -121,6 +122,14 @@ def test_parity_failure_writes_nothing_and_keeps_existing_folder():
         export(ExportConfig(masks=masks(), model=str(pipeline()), out=out, force=True, atol=0.0, rtol=0.0))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not list(out.parent.glob(".parity.*"))
+
+
+def test_failed_export_takes_back_the_folders_it_made():
+    top = workspace() / "made"
+    shutil.rmtree(top, ignore_errors=True)
+    with pytest.raises(ParityError):
+        export(ExportConfig(masks=masks(), model=str(pipeline()), out=top / "a" / "b" / "out", atol=0.0, rtol=0.0))
+    assert not top.exists()
 
 
 def test_bad_inputs_fail_before_any_work(monkeypatch):

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import MaskoptError
 from ..models import DEFAULT_SOURCE
-from ..paths import check_writable, make_folder
+from ..paths import check_writable, make_folder, remove_made
 from .manifest import FileEntry, Manifest, Variant, sha256
 from .shapes import OUTPUT, Range, ShapeProfile, Signature, downsampling, profile_for
 from .verify import TOLERANCES, Verification, require_parity
@@ -97,7 +97,7 @@ def export(config: ExportConfig, progress: Callable[[int, int], None] | None = N
     sig = Signature.from_unet(unet, time_ids=config.time_ids)
     profile = build_profile(config, unet, model)
     out = Path(config.out)
-    make_folder(out.parent, "--out")
+    made = make_folder(out.parent, "--out")
     staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"  # same disk as `out`: the rename is atomic
     make_folder(staging, "--out")
     try:
@@ -129,8 +129,9 @@ def export(config: ExportConfig, progress: Callable[[int, int], None] | None = N
         manifest.save(staging)
         # 5. Into place
         _install(staging, out)
-    except BaseException:
+    except BaseException:  # a failure or Ctrl-C: the folders this export made go too
         shutil.rmtree(staging, ignore_errors=True)
+        remove_made(made, out.parent)
         raise
     return manifest
 
