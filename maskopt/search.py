@@ -301,50 +301,73 @@ def ask_loop(opt: Any, cfg: SearchConfig, shape: tuple[int, int], entries: list[
              evaluate: Callable[[list[np.ndarray]], list[float]]) -> bool:
     """Ask, evaluate and tell until `entries` holds `cfg.budget` evaluations; False if it stopped early.
 
-    Candidates are asked `cfg.workers` at a time and the new ones are evaluated together: `evaluate`
-    scores a list of value arrays and appends their journal entries. A candidate that was evaluated
-    already (before or within its group) is told its known loss instead and does not count (the
-    objective is exact); an optimizer that proposes nothing new `MAX_REPEATS` times in a row has
-    converged, and the loop stops there. Tells go in ask order, as `_ask_along` replays them.
+    Each group holds `cfg.workers` candidates not evaluated yet (`_ask_group`), evaluated together:
+    `evaluate` scores a list of value arrays and appends their journal entries. `pending`: candidates
+    asked before a resume and not yet told (`_ask_along`), the start of the first group.
     """
     known = {_key(e["values"]): _loss(e) for e in entries}
-    repeats = 0
     while len(entries) < cfg.budget:
-        asked = pending or [opt.ask() for _ in range(min(cfg.workers, cfg.budget - len(entries)))]
+        group, converged = _ask_group(opt, cfg.space, shape, known, pending, min(cfg.workers, cfg.budget - len(entries)))
         pending = []
-        values = [decode(cand.value, *shape) for cand in asked]
-        keys = [_key(v) for v in values]
-        new = {k: v for k, v in zip(keys, values) if k not in known}
-        known.update(zip(new, evaluate(list(new.values())) if new else []))
-        for cand, key in zip(asked, keys):
+        todo = {key: values for _, key, values in group if key not in known}  # a journal cut inside a group has some
+        known.update(zip(todo, evaluate(list(todo.values())) if todo else []))
+        for cand, key, _ in group:
             tell(opt, cand, known[key], cfg.space)
-            repeats = 0 if new.pop(key, None) is not None else repeats + 1  # a second proposal in a group repeats
-            if repeats >= MAX_REPEATS:
-                return False
+        if converged and not todo:
+            return False
     return True
 
 
+def _ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, float], start: list,
+               want: int) -> tuple[list, bool]:
+    """Ask until the group holds `want` distinct candidates not evaluated yet; returns it and whether it converged.
+
+    A proposal evaluated already is told its known loss at once and does not count (the objective is
+    exact). nevergrad's discrete optimizers propose the current best again and again (a mutated choice
+    weight often keeps its choice), so asking only `want` times would leave a group of 8 with 2 or 3 new
+    candidates. An optimizer that proposes nothing new `MAX_REPEATS` times in a row has converged.
+    Returns the group's (candidate, key, values), not told, in ask order; `start` (asked before a resume)
+    comes first and counts as new.
+    """
+    group = list(start)
+    new = {key for _, key, _ in group}
+    repeats = 0
+    while len(new) < want and repeats < MAX_REPEATS:
+        cand = opt.ask()
+        values = decode(cand.value, *shape)
+        key = _key(values)
+        if key in known:
+            tell(opt, cand, known[key], kind)
+            repeats += 1
+            continue
+        repeats = repeats + 1 if key in new else 0  # asked twice within the group: told once it is evaluated
+        new.add(key)
+        group.append((cand, key, values))
+    return group, repeats >= MAX_REPEATS
+
+
 def _ask_along(opt: Any, entries: list[dict], cfg: SearchConfig) -> list | None:
-    """Ask and tell along the journal as `ask_loop` did; the candidates asked past its end, or None if an ask differs."""
-    pending: list = []
+    """Ask and tell along the journal as `ask_loop` did; the group in flight where it ends, or None if an ask differs."""
     if entries:
         _tell(opt, entries[0], cfg.space)  # the baseline, evaluated before the first ask
+    shape = np.asarray(entries[0]["values"]).shape if entries else (0, 0)
     known = {_key(e["values"]): _loss(e) for e in entries[:1]}
     i = 1
     while i < len(entries) and i < cfg.budget:
-        for cand in [opt.ask() for _ in range(min(cfg.workers, cfg.budget - i))]:
-            values = np.asarray(cand.value, dtype=float).ravel()
-            if i >= len(entries) or pending:
-                pending.append(cand)  # asked in the first run too, but not handled: `ask_loop` handles it now
-            elif _key(values) in known:
-                tell(opt, cand, known[_key(values)], cfg.space)  # evaluated already: told, not journaled
-            elif np.array_equal(values, np.ravel(entries[i]["values"])):
-                tell(opt, cand, _loss(entries[i]), cfg.space)
-                known[_key(values)] = _loss(entries[i])
-                i += 1
-            else:
+        group, converged = _ask_group(opt, cfg.space, shape, known, [], min(cfg.workers, cfg.budget - i))
+        todo = list(dict.fromkeys(key for _, key, _ in group if key not in known))
+        for key, e in zip(todo, entries[i:]):
+            if key != _key(e["values"]):
                 return None
-    return pending
+            known[key] = _loss(e)
+        if i + len(todo) > len(entries):
+            return group  # the journal ends inside this group: `ask_loop` evaluates the rest and tells it all
+        i += len(todo)
+        for cand, key, _ in group:
+            tell(opt, cand, known[key], cfg.space)
+        if converged and not todo:
+            break
+    return []
 
 
 def _key(values: Any) -> bytes:

@@ -389,7 +389,7 @@ def test_search_on_an_sd21_pipeline(tmp_path, prompts):
 
 
 @pytest.mark.parametrize("strategy,space,workers", [("joint", "gates", 1), ("sweep", "gates", 1), ("joint", "binary", 1),
-                                                    ("joint", "gates", 3)])
+                                                    ("joint", "gates", 3), ("joint", "groups", 3)])
 def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strategy, space, workers, caplog):
     """The journal is replayed by asking as the first run asked: the resumed search is the uninterrupted one.
 
@@ -401,7 +401,7 @@ def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strateg
     opts = ("--strategy", strategy, "--space", space, "--workers", str(workers))
     assert CliRunner().invoke(main, args(pipe_dir, prompts, whole, "--budget", "9", *opts)).exit_code == 0
     # NGOpt's parallel pick found far less than its sequential one on the embedded default: said, not hidden
-    assert ("NGOpt cannot run COBYLA in parallel" in caplog.text) == (workers > 1 and strategy == "joint")
+    assert ("NGOpt cannot run COBYLA in parallel" in caplog.text) == (workers > 1 and strategy == "joint" and space == "gates")
     lines = (whole / "journal.jsonl").read_text().splitlines()
     kept = 5 if workers == 1 else 4  # baseline + 4 evaluations, or baseline + 2 of the first group of 3
     cut.mkdir()
@@ -458,9 +458,10 @@ def test_binary_search_finds_the_units_worth_removing(strategy, workers):
     cfg = SearchConfig(space="binary", strategy=strategy, budget=120, buckets=3, workers=workers)
     opt = _optimizer(cfg, *shape, recompute=[1 / 3, 2 / 3, 1.0])
     entries: list[dict] = []
+    sizes: list[int] = []
 
     def evaluate(group):
-        assert 1 <= len(group) <= workers
+        sizes.append(len(group))
         entries.extend({"values": v.tolist(), "failed": False, "objective": -objective(v)} for v in group)
         return [objective(v) for v in group]
 
@@ -469,6 +470,8 @@ def test_binary_search_finds_the_units_worth_removing(strategy, workers):
     assert ask_loop(opt, cfg, shape, entries, [], evaluate)
     close(opt)
     assert len(entries) == 120 and len({str(e["values"]) for e in entries}) == 120  # nothing evaluated twice
+    # every group is full: DiscreteOnePlusOne proposes its parent again and again, which must not thin the batch
+    assert sizes[1:-1] == [workers] * (len(sizes) - 2) and sizes[-1] == 119 - workers * (len(sizes) - 2)
     best = np.asarray(max(entries, key=lambda e: e["objective"])["values"])
     assert sum(best[k, u] == 0 for k, u in good) >= 2 and (best == 0).sum() <= 4
 
