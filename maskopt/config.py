@@ -192,7 +192,7 @@ def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
         raise MaskoptError(f"{e} (recipe {recipe})") from None
     values.update({k: _coerce(k, v) for k, v in flags.items() if v is not None and v != ()})
     cfg = SearchConfig(**values)
-    if "gate_range" in values and cfg.space != "gates":
+    if flags.get("gate_range") is not None and cfg.space != "gates":  # a recipe may carry it for --space gates
         logger.warning("--gate-range bounds the gates space only; with --space %s it is not used", cfg.space)
     if cfg.out is None:
         if cfg.resume:

@@ -173,9 +173,9 @@ def test_recipe_and_override(pipe_dir, prompts, tmp_path, caplog):
     cfg = resolve(str(recipe), steps=6, prompts=str(prompts))
     assert (cfg.steps, cfg.buckets, cfg.space, cfg.gate_range, cfg.size, cfg.targets) == (6, 2, "binary", (0.5, 1.5), (16, 16), ["resnets"])
     assert resolve(str(recipe)).steps == 4
-    assert "--gate-range bounds the gates space only; with --space binary it is not used" in caplog.text
-    caplog.clear()
     assert resolve(str(recipe), space="gates").gate_range == (0.5, 1.5) and "gate-range" not in caplog.text
+    resolve(str(recipe), gate_range="0.6:1.4")  # asked for on the command line, with the recipe's binary space
+    assert "--gate-range bounds the gates space only; with --space binary it is not used" in caplog.text
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     with pytest.raises(Exception, match="unknown setting 'stepz'; valid: "):
         resolve(str(tmp_path / "bad.yaml"))
