@@ -126,18 +126,22 @@ def test_candidates_evaluated_together_match_one_at_a_time(pipe_dir, tmp_path, p
 
 
 @pytest.mark.parametrize("device,inside", [("cuda", (False, False)), ("cpu", (True, True))])
-def test_evaluations_on_cuda_run_fp32_without_tf32(device, inside, monkeypatch):
+def test_evaluations_on_cuda_run_fp32_without_tf32(device, inside):
     """TF32 made a candidate's rewards depend on its batch by 1e-2 on an H200; the evaluator turns it off for
     its own run on CUDA and gives the caller's settings back, also when the block raises."""
     from maskopt.evaluate import full_fp32
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    with pytest.raises(RuntimeError):
-        with full_fp32(torch.device(device)):
-            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == inside
-            raise RuntimeError
-    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    saved = flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError):
+            with full_fp32(torch.device(device)):
+                assert flags() == inside
+                raise RuntimeError
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_resume_after_sigkill(pipe_dir, prompts, tmp_path):
