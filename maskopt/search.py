@@ -331,8 +331,10 @@ def _ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, f
     """
     group = list(start)
     new = {key for _, key, _ in group}
-    repeats = 0
-    while len(new) < want and repeats < MAX_REPEATS:
+    repeats = twins = 0
+    # twins: proposals of a candidate already in the group. Its result is not known yet, so asking on
+    # cannot teach the optimizer anything; past a few the group goes with what it has.
+    while len(new) < want and repeats < MAX_REPEATS and twins < 4 * want:
         cand = opt.ask()
         values = decode(cand.value, *shape)
         key = _key(values)
@@ -340,8 +342,11 @@ def _ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, f
             tell(opt, cand, known[key], kind)
             repeats += 1
             continue
-        repeats = repeats + 1 if key in new else 0  # asked twice within the group: told once it is evaluated
-        new.add(key)
+        if key in new:
+            twins += 1  # told once the group is evaluated
+        else:
+            repeats = 0
+            new.add(key)
         group.append((cand, key, values))
     return group, repeats >= MAX_REPEATS
 

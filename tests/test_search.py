@@ -20,8 +20,8 @@ from maskopt.config import SearchConfig
 from maskopt.evaluate import Evaluator, TrajectoryCache
 from maskopt.models import load_pipeline
 from maskopt.rewards import load_reward
-from maskopt.search import _optimizer, ask_loop
-from maskopt.space import close, encode, tell
+from maskopt.search import _ask_group, _optimizer, ask_loop
+from maskopt.space import close, encode, space, tell
 from tiny import tiny_pipeline
 
 TESTS = Path(__file__).parent
@@ -478,6 +478,18 @@ def test_binary_search_finds_the_units_worth_removing(strategy, workers):
     assert sizes[1:-1] == [workers] * (len(sizes) - 2) and sizes[-1] == 119 - workers * (len(sizes) - 2)
     best = np.asarray(max(entries, key=lambda e: e["objective"])["values"])
     assert sum(best[k, u] == 0 for k, u in good) >= 2 and (best == 0).sum() <= 4
+
+
+def test_a_group_does_not_wait_forever_for_new_candidates():
+    """An optimizer that, told nothing yet, proposes one candidate again and again: the group goes with it alone."""
+    param = space("binary", 2, 3)
+
+    class Stuck:
+        def ask(self):
+            return param.spawn_child(new_value=encode(np.zeros((2, 3)), "binary"))
+
+    group, converged = _ask_group(Stuck(), "binary", (2, 3), {}, [], want=4)
+    assert len({key for _, key, _ in group}) == 1 and len(group) == 1 + 16 and not converged
 
 
 def test_groups_space_searches_channel_groups(pipe_dir, prompts, tmp_path):
