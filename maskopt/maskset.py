@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,8 @@ from .buckets import Buckets
 from .errors import MaskoptError
 from .units import Unit
 
+logger = logging.getLogger(__name__)
+
 FORMAT = "maskopt.masks/1"
 MAX_VALUE = 2.0
 
@@ -33,6 +36,20 @@ def fingerprint(unet: nn.Module) -> str:
     """sha256 of the sorted `name:shape` lines of the state dict: same architecture, same fingerprint."""
     lines = sorted(f"{n}:{'x'.join(map(str, t.shape))}" for n, t in unet.state_dict().items())
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def weights_sample(unet: nn.Module, tensors: int = 8, per_tensor: int = 8) -> tuple[float, ...]:
+    """A few weight values, evenly spaced through the U-Net's largest tensors: they tell two checkpoints of one
+    architecture apart (a fine-tune, another model), which the fingerprint cannot. Empty on the meta device."""
+    state = {n: t for n, t in unet.state_dict().items() if t.dim() >= 2}
+    names = sorted(state, key=lambda n: (-state[n].numel(), n))[:tensors]
+    if not names or any(state[n].is_meta for n in names):
+        return ()
+    values: list[float] = []
+    for n in names:
+        flat = state[n].detach().reshape(-1)
+        values += flat[np.linspace(0, flat.numel() - 1, per_tensor).astype(np.int64)].float().cpu().tolist()
+    return tuple(float(f"{v:.6g}") for v in values)
 
 
 def unet_source(unet: nn.Module) -> str:
@@ -49,9 +66,11 @@ class MaskSet:
     source: str = ""
     fingerprint: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    weights: tuple[float, ...] = ()  # `weights_sample` of the U-Net the masks were made on (empty: unknown)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))
+        object.__setattr__(self, "weights", tuple(float(v) for v in self.weights))
         rows = list(self.values) if not isinstance(self.values, np.ndarray) else self.values
         if len(rows) != len(self.buckets):
             raise MaskoptError(f"values has {len(rows)} rows but there are {len(self.buckets)} buckets")
@@ -87,6 +106,7 @@ class MaskSet:
             values=np.ones((len(buckets), len(units))),
             source=source if source is not None else unet_source(unet),
             fingerprint=fingerprint(unet),
+            weights=weights_sample(unet),
         )
 
     def with_values(self, values: Any, **provenance: Any) -> "MaskSet":
@@ -101,7 +121,11 @@ class MaskSet:
         return [u for u, v in self.row(bucket).items() if v == 0.0]
 
     def check(self, unet: nn.Module) -> None:
-        """Refuse a U-Net this mask set was not made for (one-line MaskoptError)."""
+        """Refuse a U-Net this mask set was not made for (one-line MaskoptError); warn for other weights.
+
+        Another architecture is refused. Other weights of the same architecture (a fine-tune) only get a
+        warning: the masks apply, but were searched for other weights. fp16/bf16 rounding is not a difference.
+        """
         fp = fingerprint(unet)
         if self.fingerprint and fp != self.fingerprint:
             raise MaskoptError(
@@ -110,6 +134,10 @@ class MaskSet:
             )
         for u in self.units:
             u.scales(unet)
+        now = weights_sample(unet) if self.weights else ()
+        if now and (len(now) != len(self.weights) or not np.allclose(now, self.weights, rtol=1e-2, atol=1e-4)):
+            logger.warning("masks were searched on other weights of this architecture (%s), not on %s's: they "
+                           "apply, but search again for masks tuned to these weights", self.source or "?", unet_source(unet))
 
     def check_scheduler(self, scheduler: Any) -> None:
         """Refuse a scheduler whose training timesteps differ from the buckets' (the buckets would not cover it)."""
@@ -126,6 +154,7 @@ class MaskSet:
             "format": FORMAT,
             "source": self.source,
             "fingerprint": self.fingerprint,
+            "weights_sample": list(self.weights),
             "num_train_timesteps": self.buckets.num_train_timesteps,
             "buckets": self.buckets.to_list(),
             "units": [u.to_dict() for u in self.units],
@@ -167,6 +196,7 @@ class MaskSet:
                 source=str(d.get("source", "")),
                 fingerprint=str(d.get("fingerprint", "")),
                 provenance=dict(d.get("provenance", {})),
+                weights=tuple(d.get("weights_sample", ())),
             )
         except MaskoptError as e:
             raise MaskoptError(f"{where}: {e}") from None

@@ -1,7 +1,10 @@
 import json
 
+import copy
+
 import numpy as np
 import pytest
+import torch
 
 from maskopt import Buckets, MaskoptError, MaskSet, find_units
 from tiny import TINY_XL, tiny_unet
@@ -74,3 +77,24 @@ def test_file_for_another_unet(tmp_path, masks):
     path = masks.save(tmp_path / "m.json")
     with pytest.raises(MaskoptError, match="fingerprint"):
         MaskSet.load(path, unet=tiny_unet(TINY_XL))
+
+
+def test_other_weights_of_the_same_architecture_are_warned_not_refused(tmp_path, unet, masks, caplog):
+    """A fine-tune keeps the fingerprint (names and shapes); the weight sample tells it apart. fp16 rounding does not."""
+    path = masks.save(tmp_path / "m.json")
+    assert len(json.loads(path.read_text())["weights_sample"]) == 64
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    for same in (unet, half):
+        MaskSet.load(path, unet=same)
+    assert "other weights" not in caplog.text
+    tuned = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(1.05)
+    MaskSet.load(path, unet=tuned)  # applies (same architecture), with a warning
+    assert "masks were searched on other weights of this architecture" in caplog.text
+    old = json.loads(path.read_text())
+    del old["weights_sample"]  # a file written before the sample existed: nothing to compare
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    caplog.clear()
+    assert MaskSet.load(tmp_path / "old.json", unet=tuned).weights == () and "other weights" not in caplog.text
