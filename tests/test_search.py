@@ -69,6 +69,8 @@ def test_search_end_to_end(pipe_dir, prompts, tmp_path, caplog):
     assert prov["reward"] == "python:reward_fns:brightness" and prov["optimizer"] == "DiscreteOnePlusOne"
     assert prov["optimizer_runs"] == "DiscreteOnePlusOne"  # not a portfolio: runs as named
     assert len({str(e["values"]) for e in entries}) == 6  # no candidate evaluated twice
+    hits = sum(e["cache_hits"] for e in entries)  # the progress bar counts replayed U-Net calls of the whole run
+    assert f"cache_hits={hits}/{hits + sum(e['unet_calls'] for e in entries)}" in r.stderr
     assert {"diff", "ci_low", "ci_high", "n"} <= prov["holdout"].keys() and prov["holdout"]["n"] == 4
     report = (out / "report.md").read_text()
     assert "95% CI" in report
