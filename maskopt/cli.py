@@ -188,14 +188,20 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
         drop=drop, refit=refit, triton=triton, workspace_gb=workspace,
         timing_cache=Path(timing_cache) if timing_cache else None, optimization_level=opt_level, force=force,
     )
-    check_options(cfg)  # refuse bad options before the progress bar appears
-    with tqdm(desc="export", unit="variant", dynamic_ncols=True) as bar:
+    check_options(cfg)
+    bar = None  # made when the first variant starts: errors and warnings of loading print on lines of their own
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="export", unit="variant", dynamic_ncols=True)
+        bar.update(done - bar.n)
 
+    try:
         manifest = run_export(cfg, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     kinds = [k for k, on in (("onnx", cfg.onnx), ("plan", trt)) if on]
     worst = max(v.verify["onnx"].max_abs for v in manifest.variants)
     click.echo(f"{len(manifest.variants)} variants ({'+'.join(kinds)}, {manifest.precision}) in {out}; "
