@@ -175,12 +175,31 @@ def full_fp32(device: torch.device) -> Iterator[None]:
     if torch.device(device).type != "cuda":
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # precision was set through torch's newer fp32_precision API, which then refuses the old flags
+        with _ieee_fp32():
+            yield
+        return
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """`full_fp32` through torch's fp32_precision settings (torch >= 2.9), restored as they were."""
+    settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [s.fp32_precision for s in settings]
+    for s in settings:
+        s.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for s, value in zip(settings, saved):
+            s.fp32_precision = value
 
 
 class Evaluator:

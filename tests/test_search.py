@@ -146,6 +146,23 @@ def test_evaluations_on_cuda_run_fp32_without_tf32(device, inside):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no fp32_precision API")
+def test_full_fp32_when_precision_was_set_through_torchs_newer_api():
+    """After `fp32_precision = "tf32"` (a reward module, another library), torch refuses reads of the old flags."""
+    from maskopt.evaluate import full_fp32
+
+    b = torch.backends
+    saved = (b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision)
+    try:
+        b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = "tf32"
+        with full_fp32(torch.device("cuda")):
+            assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision) == ("ieee", "ieee")
+        assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision = saved
+    assert isinstance(b.cuda.matmul.allow_tf32, bool)  # the old flags read again: no other test is affected
+
+
 def test_resume_after_sigkill(pipe_dir, prompts, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "maskopt.cli", *args(pipe_dir, prompts, out, "--budget", "12", "--space", "gates")]
