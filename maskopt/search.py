@@ -307,7 +307,9 @@ def ask_loop(opt: Any, cfg: SearchConfig, shape: tuple[int, int], entries: list[
     """
     known = {_key(e["values"]): _loss(e) for e in entries}
     while len(entries) < cfg.budget:
-        group, converged = _ask_group(opt, cfg.space, shape, known, pending, min(cfg.workers, cfg.budget - len(entries)))
+        # a group cut by a kill is taken as it was asked: asking more would change every group after it
+        group, converged = (pending, False) if pending else \
+            _ask_group(opt, cfg.space, shape, known, min(cfg.workers, cfg.budget - len(entries)))
         pending = []
         todo = {key: values for _, key, values in group if key not in known}  # a journal cut inside a group has some
         known.update(zip(todo, evaluate(list(todo.values())) if todo else []))
@@ -318,19 +320,17 @@ def ask_loop(opt: Any, cfg: SearchConfig, shape: tuple[int, int], entries: list[
     return True
 
 
-def _ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, float], start: list,
-               want: int) -> tuple[list, bool]:
+def _ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, float], want: int) -> tuple[list, bool]:
     """Ask until the group holds `want` distinct candidates not evaluated yet; returns it and whether it converged.
 
     A proposal evaluated already is told its known loss at once and does not count (the objective is
     exact). nevergrad's discrete optimizers propose the current best again and again (a mutated choice
     weight often keeps its choice), so asking only `want` times would leave a group of 8 with 2 or 3 new
     candidates. An optimizer that proposes nothing new `MAX_REPEATS` times in a row has converged.
-    Returns the group's (candidate, key, values), not told, in ask order; `start` (asked before a resume)
-    comes first and counts as new.
+    Returns the group's (candidate, key, values), not told, in ask order.
     """
-    group = list(start)
-    new = {key for _, key, _ in group}
+    group: list = []
+    new: set[bytes] = set()
     repeats = twins = 0
     # twins: proposals of a candidate already in the group. Its result is not known yet, so asking on
     # cannot teach the optimizer anything; past a few the group goes with what it has.
@@ -359,7 +359,7 @@ def _ask_along(opt: Any, entries: list[dict], cfg: SearchConfig) -> list | None:
     known = {_key(e["values"]): _loss(e) for e in entries[:1]}
     i = 1
     while i < len(entries) and i < cfg.budget:
-        group, converged = _ask_group(opt, cfg.space, shape, known, [], min(cfg.workers, cfg.budget - i))
+        group, converged = _ask_group(opt, cfg.space, shape, known, min(cfg.workers, cfg.budget - i))
         todo = list(dict.fromkeys(key for _, key, _ in group if key not in known))
         for key, e in zip(todo, entries[i:]):
             if key != _key(e["values"]):

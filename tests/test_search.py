@@ -20,7 +20,7 @@ from maskopt.config import SearchConfig
 from maskopt.evaluate import Evaluator, TrajectoryCache
 from maskopt.models import load_pipeline
 from maskopt.rewards import load_reward
-from maskopt.search import _ask_group, _optimizer, ask_loop
+from maskopt.search import _ask_group, _optimizer, _replay, ask_loop
 from maskopt.space import close, encode, space, tell
 from tiny import tiny_pipeline
 
@@ -499,6 +499,33 @@ def test_binary_search_finds_the_units_worth_removing(strategy, workers):
     assert sum(best[k, u] == 0 for k, u in good) >= 2 and (best == 0).sum() <= 4
 
 
+def test_resume_inside_a_short_group_goes_on_as_if_never_stopped():
+    """A group that stopped short of --workers new candidates (a small space: twins and repeats) is resumed as asked."""
+    shape, gain = (2, 3), np.random.RandomState(101).randn(2, 3)
+    objective = lambda v: -float((gain * (1 - v)).sum())
+    cfg = SearchConfig(space="binary", budget=40, buckets=2, workers=8, seed=1)
+    sizes: list[int] = []
+
+    def run(entries):
+        opt, pending = _replay(lambda: _optimizer(cfg, *shape, recompute=[1.0, 1.0]), entries, cfg)
+
+        def evaluate(group):
+            sizes.append(len(group))
+            entries.extend({"values": v.tolist(), "failed": False, "objective": -objective(v)} for v in group)
+            return [objective(v) for v in group]
+
+        if not entries:
+            tell(opt, opt.parametrization.spawn_child(new_value=encode(np.ones(shape), "binary")),
+                 evaluate([np.ones(shape)])[0], "binary")
+        ask_loop(opt, cfg, shape, entries, pending, evaluate)
+        close(opt)
+        return [e["values"] for e in entries]
+
+    whole = run([])
+    assert 1 < sizes[1] < 8  # the first group is short
+    assert run([{"values": v, "failed": False, "objective": -objective(np.asarray(v))} for v in whole[:2]]) == whole
+
+
 def test_a_group_does_not_wait_forever_for_new_candidates():
     """An optimizer that, told nothing yet, proposes one candidate again and again: the group goes with it alone."""
     param = space("binary", 2, 3)
@@ -507,7 +534,7 @@ def test_a_group_does_not_wait_forever_for_new_candidates():
         def ask(self):
             return param.spawn_child(new_value=encode(np.zeros((2, 3)), "binary"))
 
-    group, converged = _ask_group(Stuck(), "binary", (2, 3), {}, [], want=4)
+    group, converged = _ask_group(Stuck(), "binary", (2, 3), {}, want=4)
     assert len({key for _, key, _ in group}) == 1 and len(group) == 1 + 16 and not converged
 
 
