@@ -59,7 +59,7 @@ class BucketSweep:
         self.stage = -1
         self._opt: Any = None
         self._asked = self._told = 0
-        self._pending: dict[str, Any] = {}  # uid of a full candidate -> the stage optimizer's own candidate
+        self._pending: dict[str, Any] = {}  # uid of a full candidate -> (stage optimizer's candidate, values key, counted)
         self._known: dict[bytes, float] = {}  # every evaluated candidate's values -> its loss
         self._next_stage()
 
@@ -73,6 +73,7 @@ class BucketSweep:
             close(self._opt)
         self.stage += 1
         self._asked = self._told = 0
+        self._exhausted = False
         self._opt = None
         if self.stage < len(self.stages):
             k, n = self.stages[self.stage]
@@ -85,11 +86,12 @@ class BucketSweep:
     def ask(self) -> ng.p.Parameter:
         if self._opt is None:
             raise RuntimeError("the sweep's budget is spent")
-        if self._asked >= self.stages[self.stage][1] and self._told == self._asked:
+        last = self.stage == len(self.stages) - 1  # the last stage takes any ask past the plan, rather than fail
+        if self._asked >= self.stages[self.stage][1] and self._told == self._asked and not last:
             self._next_stage()
             return self.ask()
         k = self.bucket  # asks go past the stage's share only while its tells are pending (workers > 1)
-        for _ in range(1000):
+        for _ in range(1 if self._exhausted else 1000):
             sub = self._opt.ask()
             values = self.best.copy()
             values[k] = decode(sub.value, 1, self.shape[1])[0]
@@ -97,17 +99,26 @@ class BucketSweep:
                 break
             # evaluated already (the stage's first ask is the best so far): its loss is known, no budget spent
             tell(self._opt, sub, self._known[values.tobytes()], self.kind)
-        self._asked += 1
+        else:  # nothing new in 1000 proposals: the stage has searched its bucket out (a small discrete space)
+            if not last and self._told == self._asked:
+                self._next_stage()
+                return self.ask()
+            self._exhausted = True  # the last stage: answer known candidates at once, and the search stops
+        # Only what the search will evaluate counts against the stage's share: not a twin of a candidate asked
+        # and not yet told (workers > 1), nor a known one (the loop above ran out of tries).
+        key = values.tobytes()
+        counted = key not in self._known and all(key != k for _, k, _ in self._pending.values())
+        self._asked += counted
         cand = self.parametrization.spawn_child(new_value=encode(values, self.kind))
-        self._pending[cand.uid] = sub
+        self._pending[cand.uid] = (sub, key, counted)
         return cand
 
     def tell(self, cand: ng.p.Parameter, loss: float) -> None:
         values = decode(cand.value, *self.shape)
-        sub = self._pending.pop(cand.uid, None)
+        sub, _, counted = self._pending.pop(cand.uid, (None, None, False))
         if sub is not None:
             tell(self._opt, sub, loss, self.kind)
-            self._told += 1
+            self._told += counted
         elif self._opt is not None:  # not asked (the baseline, a journal replay): what the stage can use
             k = self.bucket
             if np.array_equal(np.delete(values, k, axis=0), np.delete(self.best, k, axis=0)):

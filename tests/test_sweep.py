@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from maskopt.space import close
+from maskopt.config import SearchConfig
+from maskopt.search import _optimizer, ask_loop
+from maskopt.space import close, encode, tell
 from maskopt.sweep import BucketSweep, plan
 
 RECOMPUTE = [4 / 15, 8 / 15, 12 / 15, 1.0]  # DDIM 15 steps, K=4: steps 4, 4, 4, 3 from the lowest timesteps up
@@ -27,28 +29,57 @@ def test_candidates_change_only_the_stage_bucket(kind):
     ones = np.ones((4, 5))
     loss = lambda v: float(((v - target) ** 2).sum())
     opt.tell(opt.parametrization.spawn_child(new_value=ones.ravel() if kind == "gates" else tuple(ones.ravel())), loss(ones))
-    seen = []
-    for _ in range(80):
+    seen, known = [], {ones.tobytes()}
+    for _ in range(3000):
+        if len(seen) == 80:
+            break
         before, k = opt.best.copy(), None
         cand = opt.ask()
         values = np.asarray(cand.value, dtype=float).reshape(4, 5)
         changed = [b for b in range(4) if not np.array_equal(values[b], before[b])]
         assert len(changed) <= 1 and (not changed or changed[0] == opt.bucket)
-        seen.append(opt.bucket)
+        if values.tobytes() not in known:  # as the search does: a known candidate is told, not evaluated again
+            seen.append(opt.bucket)
+            known.add(values.tobytes())
         opt.tell(cand, loss(values))
     close(opt)
     assert [k for i, k in enumerate(seen) if i == 0 or seen[i - 1] != k] == [3, 2, 1, 0]  # one stage per bucket
-    assert [seen.count(k) for k in (3, 2, 1, 0)] == [n for _, n in plan(80, RECOMPUTE)]
+    counts, planned = [seen.count(k) for k in (3, 2, 1, 0)], [n for _, n in plan(80, RECOMPUTE)]
+    # binary: 5 units give 31 candidates besides the best, fewer than the last stage's share: it ends searched out
+    assert counts == planned if kind == "gates" else all(c <= n for c, n in zip(counts, planned))
     assert loss(opt.best) < loss(ones) / 2  # it optimizes
 
 
-def test_spent_sweep_refuses_to_ask():
+def test_asks_past_the_plan_go_to_the_last_stage():
+    """The search, not the sweep, counts the budget: an ask past the plan must not end a search without masks."""
     opt = BucketSweep(None, "gates", 2, 3, budget=4, recompute=[0.5, 1.0])
     for _ in range(4):
         c = opt.ask()
         opt.tell(c, float(np.sum(c.value)))
-    with pytest.raises(RuntimeError, match="budget is spent"):
-        opt.ask()
+    assert opt.bucket == 0
+    extra = np.asarray(opt.ask().value).reshape(2, 3)
+    assert np.array_equal(extra[1], opt.best[1])  # it changes only the last stage's bucket
+
+
+@pytest.mark.parametrize("kind", ["binary", "groups"])
+def test_sweep_with_workers_spends_its_plan_on_evaluations(kind):
+    """Twins within a group of asks and known candidates are not evaluated, so they spend none of a stage's share."""
+    shape = (3, 16)
+    gain = -np.ones(shape)
+    gain[0, 3] = gain[1, 7] = gain[2, 11] = 1.0
+    loss = lambda v: -float((gain * (1 - v)).sum())
+    cfg = SearchConfig(space=kind, strategy="sweep", budget=120, buckets=3, workers=8)
+    opt = _optimizer(cfg, *shape, recompute=[1 / 3, 2 / 3, 1.0])
+    entries: list[dict] = []
+
+    def evaluate(group):
+        entries.extend({"values": v.tolist(), "failed": False, "objective": -loss(v)} for v in group)
+        return [loss(v) for v in group]
+
+    tell(opt, opt.parametrization.spawn_child(new_value=encode(np.ones(shape), kind)), evaluate([np.ones(shape)])[0], kind)
+    assert ask_loop(opt, cfg, shape, entries, [], evaluate) and len(entries) == 120
+    assert opt.stage == len(opt.stages) - 1 and opt._asked <= opt.stages[-1][1] + cfg.workers  # the plan held
+    close(opt)
 
 
 def test_small_budget_is_named(caplog):
