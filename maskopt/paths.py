@@ -23,7 +23,7 @@ def make_folder(path: Path, what: str) -> Path | None:
 
     Returns the topmost folder it made (None if `path` was there), for `remove_made` after a failure.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "a/../b": made and removed as b, never as a
     made = next((a for a in reversed([path, *path.parents]) if not a.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,8 @@ def remove_made(made: Path | None, path: Path) -> None:
     """Remove the folders from `path` up to `made` that are empty: what `make_folder` made, if nothing came in since."""
     if made is None:
         return
-    for folder in [Path(path), *Path(path).parents]:
+    path = Path(os.path.abspath(path))
+    for folder in [path, *path.parents]:
         try:
             folder.rmdir()
         except OSError:

@@ -124,6 +124,15 @@ def test_parity_failure_writes_nothing_and_keeps_existing_folder():
     assert not list(out.parent.glob(".parity.*"))
 
 
+def test_folders_made_and_taken_back_are_the_normalised_ones(tmp_path):
+    from maskopt.paths import make_folder, remove_made
+
+    (tmp_path / "user").mkdir()
+    for path in (tmp_path / "nothere" / ".." / "user", tmp_path / "nothere" / ".." / "user" / "new" / "deeper"):
+        remove_made(make_folder(path, "--out"), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["user"] and not any((tmp_path / "user").iterdir())
+
+
 def test_failed_export_takes_back_the_folders_it_made():
     top = workspace() / "made"
     shutil.rmtree(top, ignore_errors=True)
