@@ -118,19 +118,19 @@ def search(recipe: str | None, **flags) -> None:
 
     cfg = resolve(recipe, **flags)
     bar = None  # made at the first evaluation, so input errors print alone
-    best = {"r": float("-inf"), "hits": 0, "calls": 0}
+    shown = {"best": float("-inf"), "hits": 0, "calls": 0}  # over this run's evaluations
 
     def progress(entry: dict) -> None:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=cfg.budget, initial=entry["i"], desc="search", unit="eval", dynamic_ncols=True)
         if not entry["failed"]:
-            best["r"] = max(best["r"], entry["reward"])
-        best["hits"] += entry["cache_hits"]
-        best["calls"] += entry["cache_hits"] + entry["unet_calls"]
+            shown["best"] = max(shown["best"], entry["reward"])
+        shown["hits"] += entry["cache_hits"]
+        shown["calls"] += entry["cache_hits"] + entry["unet_calls"]
         bar.update(1)
         # U-Net calls replayed from the trajectory cache so far, of all this run's calls
-        bar.set_postfix(best=f"{best['r']:.4f}", cache_hits=f"{best['hits']}/{best['calls']}", refresh=False)
+        bar.set_postfix(best=f"{shown['best']:.4f}", cache_hits=f"{shown['hits']}/{shown['calls']}", refresh=False)
 
     try:
         result = run_search(cfg, progress)

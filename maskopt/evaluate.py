@@ -244,16 +244,16 @@ class Evaluator:
         masking = apply(unet, masksets[0], check=False) if w == 1 else per_sample(unet, masksets)
         hits, calls = [0] * w, [0] * w
         images: list[list[torch.Tensor]] = [[] for _ in range(w)]
-        with full_fp32(unet.device), masking:
-            for start in range(0, n, step):
-                m = min(step, n - start)
-                with stepping(unet, masksets, m, self.cache, start, masking if w > 1 else None) as run:
-                    out = self._sample(slice(start, start + m), w)
-                for c in range(w):
-                    images[c].append(out[c * m:(c + 1) * m])
-                    hits[c], calls[c] = hits[c] + run["hits"][c], calls[c] + run["calls"][c]
-        per = [torch.cat(chunks) for chunks in images]
-        with full_fp32(unet.device):
+        with full_fp32(unet.device):  # sampling and scoring alike
+            with masking:
+                for start in range(0, n, step):
+                    m = min(step, n - start)
+                    with stepping(unet, masksets, m, self.cache, start, masking if w > 1 else None) as run:
+                        out = self._sample(slice(start, start + m), w)
+                    for c in range(w):
+                        images[c].append(out[c * m:(c + 1) * m])
+                        hits[c], calls[c] = hits[c] + run["hits"][c], calls[c] + run["calls"][c]
+            per = [torch.cat(chunks) for chunks in images]
             scores = self._score(torch.cat(per), self.image_prompts * w)
         seconds = (time.perf_counter() - t0) / w
         results = []

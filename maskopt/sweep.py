@@ -107,7 +107,7 @@ class BucketSweep:
         # Only what the search will evaluate counts against the stage's share: not a twin of a candidate asked
         # and not yet told (workers > 1), nor a known one (the loop above ran out of tries).
         key = values.tobytes()
-        counted = key not in self._known and all(key != k for _, k, _ in self._pending.values())
+        counted = key not in self._known and all(key != other for _, other, _ in self._pending.values())
         self._asked += counted
         cand = self.parametrization.spawn_child(new_value=encode(values, self.kind))
         self._pending[cand.uid] = (sub, key, counted)
