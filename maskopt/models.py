@@ -1,22 +1,33 @@
-"""Loading pipelines and U-Nets the way users name them: a hub id, a local folder, or nothing (the embedded default).
+"""Loading pipelines and U-Nets the way users name them: a hub id, a local folder, or `maskopt:default`.
 
-    pipe = load_pipeline("runwayml/stable-diffusion-v1-5", device="cuda", dtype=torch.float16)
-    pipe = load_pipeline("./my-sd-folder", scheduler="dpm++")
-    unet = load_unet(None)                       # the digits pipeline that ships with maskopt
+    >>> from maskopt.models import EMBEDDED, load_pipeline
+    >>> pipe = load_pipeline(EMBEDDED)               # the digits pipeline that ships inside maskopt
+    >>> type(pipe).__name__, scheduler_name(pipe.scheduler)
+    ('StableDiffusionPipeline', 'ddim')
+
+`load_pipeline("runwayml/stable-diffusion-v1-5", device="cuda", dtype="float16", scheduler="dpm++")` loads
+from the hub (or its local cache), `load_pipeline("./my-sd-folder")` from a folder saved with
+`save_pretrained`. `maskopt:default` is a source like any other: this module is the one place that
+knows where it lives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
+import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import MaskoptError
+from .sources import local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +44,43 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
+EMBEDDED = "maskopt:default"  # the digits pipeline inside the package (maskopt/default/)
 
-DEFAULT_SOURCE = "maskopt:default"  # a mask file's source when it was searched on the embedded default
+
+def embedded_dir() -> Path:
+    from .default import PIPELINE_DIR
+
+    return PIPELINE_DIR
+
+
+def location(model: str) -> Path | str:
+    """What `from_pretrained` is given for `model`: a local folder (the embedded default's too) or a hub id."""
+    if model == EMBEDDED:
+        return embedded_dir()
+    return local_or_hub(model, "model")
+
+
+def model_for(model: str | None, source: str | None) -> str:
+    """The pipeline to load for a mask file or export: `model` if given, else the mask file's source.
+
+    A source naming a pipeline's `unet` subfolder resolves to the pipeline; a source that is neither a
+    folder here nor a hub id (a U-Net built in Python has only its class name) falls back to the
+    embedded default, with a warning.
+    """
+    if model:
+        return model
+    if not source or source == EMBEDDED:
+        return EMBEDDED
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file() and (path.parent / "model_index.json").is_file():
+            return str(path.parent)
+        return str(path)
+    try:
+        return str(local_or_hub(source, "source"))
+    except MaskoptError:
+        logger.warning("mask file source %r is not a folder here nor a hub id; using the embedded default", source)
+        return EMBEDDED
 
 
 def check_device(device: str) -> None:
@@ -49,13 +95,6 @@ def check_device(device: str) -> None:
         raise MaskoptError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
 
 
-def default_model() -> str:
-    """Path of the embedded default pipeline (digits), shipped inside the package."""
-    from .default import PIPELINE_DIR
-
-    return str(PIPELINE_DIR)
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -64,11 +103,95 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _check_source(model: str) -> None:
-    """A name that looks like a path must exist: otherwise diffusers would try the hub and fail obscurely."""
-    looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") > 1
-    if looks_local and not Path(model).expanduser().exists():
-        raise MaskoptError(f"model {model!r} is not a folder that exists (nor a hub id)")
+# ---------------------------------------------------------------------------------------------------
+# samplers
+
+
+def check_scheduler(name: str) -> None:
+    """A maskopt sampler name, or the class name of one of diffusers' schedulers."""
+    if name in SCHEDULERS or (name.endswith("Scheduler") and hasattr(_diffusers(), name)):
+        return
+    raise MaskoptError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)} (or a diffusers scheduler class)")
+
+
+def scheduler_name(scheduler: Any) -> str:
+    """The name `set_scheduler` takes for this scheduler: maskopt's (ddim, dpm++, ...) where one fits its
+    class and config, else the diffusers class name."""
+    return scheduler_name_of(type(scheduler).__name__, dict(scheduler.config))
+
+
+def scheduler_name_of(class_name: str, config: dict[str, Any]) -> str:
+    fits = [(len(overrides), name) for name, (cls, overrides) in SCHEDULERS.items()
+            if cls == class_name and all(config.get(k) == v for k, v in overrides.items())]
+    return max(fits)[1] if fits else class_name
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap the pipeline's sampler for a named one built from the same config (same training schedule)."""
+    check_scheduler(name)
+    cls_name, overrides = SCHEDULERS.get(name, (name, {}))
+    pipe.scheduler = getattr(_diffusers(), cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def _diffusers() -> Any:
+    import diffusers
+
+    return diffusers
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a pipeline is, from its config files alone (no weights loaded)
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What a search needs to know of a pipeline before loading it: its own sampler, image size, geometry."""
+
+    scheduler: str  # scheduler_name of the pipeline's own sampler
+    prediction_type: str  # epsilon, v_prediction, sample
+    num_train_timesteps: int
+    size: tuple[int, int]  # (H, W) in pixels: the U-Net's sample size times the VAE factor
+    vae_scale: int
+    text_length: int  # the tokenizer's max length (77 for SD)
+
+
+def read_config(model: str, name: str) -> dict[str, Any]:
+    """One of a pipeline's JSON config files (`"unet/config.json"`), from its folder or the hub."""
+    where = location(model)
+    try:
+        if isinstance(where, Path):
+            return json.loads((where / name).read_text())
+        from huggingface_hub import hf_hub_download
+
+        with _quiet_loading():
+            return json.loads(Path(hf_hub_download(where, name)).read_text())
+    except (OSError, ValueError) as e:  # a missing file, an unreachable hub, a file that is not JSON
+        raise _load_error("pipeline", model, e, detail=name) from None
+
+
+def pipeline_info(model: str) -> PipelineInfo:
+    """Read from the pipeline's config files; MaskoptError when one is missing or unreadable."""
+    sched = read_config(model, "scheduler/scheduler_config.json")
+    unet = read_config(model, "unet/config.json")
+    vae = read_config(model, "vae/config.json")
+    try:
+        tok = read_config(model, "tokenizer/tokenizer_config.json")
+    except MaskoptError:  # a tokenizer without a config file: diffusers' SD pipelines use 77
+        tok = {}
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    sample = unet.get("sample_size", 64)
+    h, w = (sample, sample) if isinstance(sample, int) else sample
+    length = int(tok.get("model_max_length", 77))
+    return PipelineInfo(
+        scheduler=scheduler_name_of(str(sched.get("_class_name", "")), sched),
+        prediction_type=str(sched.get("prediction_type", "epsilon")),
+        num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+        size=(h * scale, w * scale), vae_scale=scale, text_length=length if length <= 4096 else 77,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
 
 
 @contextmanager
@@ -98,45 +221,54 @@ def _quiet_loading():
         hub.setLevel(hub_level)
 
 
-def _unreachable(e: BaseException | None) -> bool:
-    """Did loading fail because the hub could not be reached (offline, no network) rather than a bad id?"""
-    seen = 0
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of 'the hub could not be reached': offline mode, a file neither cached nor
+    downloadable, and the network errors of the HTTP client huggingface_hub runs on."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds: list[type[BaseException]] = [OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError,
+                                        TimeoutError, socket.gaierror]
+    for client in ("httpx2", "httpx", "requests"):  # whichever huggingface_hub imported
+        module = sys.modules.get(client)
+        error = getattr(module, "TransportError", None) or getattr(getattr(module, "exceptions", None),
+                                                                 "ConnectionError", None)
+        if isinstance(error, type):
+            kinds.append(error)
+    return tuple(kinds)
+
+
+def unreachable(e: BaseException | None) -> bool:
+    """Did loading fail because the hub could not be reached (offline, no network), not because of a bad id?"""
+    kinds, seen = _network_errors(), 0
     while e is not None and seen < 20:
-        text = f"{type(e).__name__} {e}".lower()
-        if any(k in text for k in ("connection", "offline", "localentrynotfound", "not fully cached",
-                                   "outgoing traffic has been disabled", "name or service not known")):
+        if isinstance(e, kinds):
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False
 
 
-def _load_error(what: str, model: str, e: Exception) -> MaskoptError:
-    text = str(e).strip()
-    if not Path(model).expanduser().exists() and _unreachable(e):
+def _load_error(what: str, model: str, e: BaseException, detail: str | None = None) -> MaskoptError:
+    """One line for a failed load; `detail`: the file that was being read."""
+    if not isinstance(location(model), Path) and unreachable(e):
         return MaskoptError(f"could not load {what} from {model!r}: it is not in the local Hugging Face cache and the "
                             "hub cannot be reached; download it where there is a network (huggingface-cli download "
                             f"{model}) and copy the cache, or pass its local folder")
+    text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
-    return MaskoptError(f"could not load {what} from {model!r}: {first}")
+    return MaskoptError(f"could not load {what} from {model!r}: " + (f"{detail}: " if detail else "") + first)
 
 
-def load_pipeline(
-    model: str | None = None,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "float32",
-    scheduler: str | None = None,
-) -> Any:
-    """A diffusers pipeline (SD1.5, SD2.1, SDXL, ...) from a hub id or local folder, on `device`."""
+def load_pipeline(model: str = EMBEDDED, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                  scheduler: str | None = None) -> Any:
+    """A diffusers pipeline (SD1.5, SD2.1, SDXL, ...) from a hub id, a local folder or `maskopt:default`."""
     from diffusers import DiffusionPipeline
 
-    model = model or default_model()
-    _check_source(model)
+    where = location(model)
     torch_dtype = resolve_dtype(dtype)
-    local = Path(model).expanduser()
     try:
         with _quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model, torch_dtype=torch_dtype)
-    except (OSError, ValueError, EnvironmentError) as e:
+            pipe = DiffusionPipeline.from_pretrained(str(where), torch_dtype=torch_dtype)
+    except (OSError, ValueError) as e:
         raise _load_error("pipeline", model, e) from None
     if not hasattr(pipe, "unet"):
         raise MaskoptError(f"pipeline {model!r} ({type(pipe).__name__}) has no U-Net to mask")
@@ -147,35 +279,30 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap the pipeline's sampler for a named one built from the same config (same training schedule)."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise MaskoptError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
-    cls_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
-
-
-def load_unet(model: str | None = None, dtype: str | torch.dtype = "float32") -> Any:
-    """Only the U-Net: from a pipeline folder/hub id (its `unet` subfolder) or a U-Net folder itself."""
+def load_unet(model: str = EMBEDDED, dtype: str | torch.dtype = "float32") -> Any:
+    """Only the U-Net: from a pipeline (its `unet` subfolder) or a U-Net folder itself."""
     from diffusers import UNet2DConditionModel
 
-    model = model or default_model()
-    _check_source(model)
-    path = Path(model).expanduser()
-    is_unet_folder = path.is_dir() and (path / "config.json").is_file() and not (path / "model_index.json").is_file()
+    where = location(model)
+    is_unet_folder = isinstance(where, Path) and (where / "config.json").is_file() and \
+        not (where / "model_index.json").is_file()
     if is_unet_folder:
-        name = json.loads((path / "config.json").read_text()).get("_class_name")
+        name = json.loads((where / "config.json").read_text()).get("_class_name")
         if name != "UNet2DConditionModel":
             raise MaskoptError(f"{model!r} holds a {name}, not a UNet2DConditionModel")
     try:
         with _quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(
-                str(path) if path.exists() else model,
-                subfolder=None if is_unet_folder else "unet",
-                torch_dtype=resolve_dtype(dtype),
-            )
-    except (OSError, ValueError, EnvironmentError) as e:
+            unet = UNet2DConditionModel.from_pretrained(str(where), subfolder=None if is_unet_folder else "unet",
+                                                        torch_dtype=resolve_dtype(dtype))
+    except (OSError, ValueError) as e:
         raise _load_error("U-Net", model, e) from None
     return unet.eval()
+
+
+_CACHED = re.compile(r".*/models--([\w.-]+)--([\w.-]+)/snapshots/[0-9a-f]+(/unet)?/?")
+
+
+def hub_id_of(path: str) -> str | None:
+    """The hub id of a folder in the Hugging Face cache (`.../models--org--name/snapshots/<hash>/unet`)."""
+    m = _CACHED.fullmatch(path)
+    return f"{m.group(1)}/{m.group(2)}" if m else None

@@ -22,7 +22,7 @@ def test_inspect_pipeline_layout_and_targets(tmp_path, unet):
 
 def test_inspect_bad_inputs(tmp_path, unet):
     r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "missing")])
-    assert r.exit_code != 0 and "is not a folder that exists" in r.output
+    assert r.exit_code != 0 and "is not a path that exists, nor a hub id" in r.output
     unet.save_pretrained(tmp_path / "unet")
     r = CliRunner().invoke(main, ["inspect", "--model", str(tmp_path / "unet"), "--targets", "nope.*"])
     assert r.exit_code != 0 and "'nope.*' matches no unit" in r.output
@@ -48,3 +48,24 @@ def test_hub_id_not_cached_offline_is_one_line(tmp_path):
         "cannot be reached; download it where there is a network (huggingface-cli download someorg/not-cached) and "
         "copy the cache, or pass its local folder"]
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_hub_is_told_by_exception_type_not_message():
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from maskopt.models import unreachable
+
+    def chained(outer: Exception, inner: Exception) -> Exception:
+        try:
+            try:
+                raise inner
+            except Exception as e:
+                raise outer from e
+        except Exception as e:
+            return e
+
+    assert unreachable(chained(OSError("Cannot load model x"), OfflineModeIsEnabled("offline mode is enabled")))
+    assert unreachable(chained(OSError("x"), LocalEntryNotFoundError("not cached")))
+    assert unreachable(chained(OSError("x"), ConnectionError("reset by peer")))
+    assert not unreachable(chained(OSError("connection offline not fully cached"), ValueError("bad repo id")))
+    assert not unreachable(OSError("401 Client Error: Repository Not Found"))
