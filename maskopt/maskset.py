@@ -1,9 +1,10 @@
 """The mask file: the one contract between search and export.
 
 A MaskSet holds one row of values per timestep bucket and one value per unit (1 keeps, 0 removes,
-values in between or up to 2 scale), plus what it was made for (the U-Net's source and fingerprint)
-and what made it (provenance). On disk it is JSON, `"format": "maskopt.masks/1"`, documented in
-docs/mask-format.md; `MaskSet.load(path, unet=unet)` refuses a file that does not fit the U-Net.
+values in between or up to 2 scale), plus what it was made for (the U-Net's source and fingerprint,
+and the sampler it was searched with) and what made it (provenance). On disk it is JSON,
+`"format": "maskopt.masks/2"`, documented in docs/mask-format.md; files of format 1 are still read.
+`MaskSet.load(path, unet=unet)` refuses a file that does not fit the U-Net.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from torch import nn
 from . import __version__
 from .buckets import Buckets
 from .errors import MaskoptError
+from .sampler import Sampler
 from .units import Unit
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "maskopt.masks/1"
+FORMAT = "maskopt.masks/2"
+FORMAT_1 = "maskopt.masks/1"  # no sampler section: read, its sampler taken from the provenance where it is there
 MAX_VALUE = 2.0
 
 
@@ -53,9 +56,15 @@ def weights_sample(unet: nn.Module, tensors: int = 8, per_tensor: int = 8) -> tu
 
 
 def unet_source(unet: nn.Module) -> str:
-    """Where the U-Net came from, as diffusers recorded it (hub id or local path), else its class name."""
+    """Where the U-Net came from, as diffusers recorded it (hub id or local path), else its class name.
+
+    A folder in the Hugging Face cache is named by its hub id: the cache path means nothing elsewhere.
+    """
+    from .models import hub_id_of
+
     config = getattr(unet, "config", None)
-    return str(getattr(config, "_name_or_path", "") or type(unet).__name__) if config is not None else type(unet).__name__
+    path = str(getattr(config, "_name_or_path", "") or "") if config is not None else ""
+    return hub_id_of(path) or path or type(unet).__name__
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +76,7 @@ class MaskSet:
     fingerprint: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
     weights: tuple[float, ...] = ()  # `weights_sample` of the U-Net the masks were made on (empty: unknown)
+    sampler: Sampler = field(default_factory=Sampler)  # the regime the masks were searched in (fields None: unknown)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))
@@ -111,6 +121,9 @@ class MaskSet:
 
     def with_values(self, values: Any, **provenance: Any) -> "MaskSet":
         return replace(self, values=np.asarray(values, dtype=np.float64), provenance={**self.provenance, **provenance})
+
+    def with_sampler(self, sampler: Sampler) -> "MaskSet":
+        return replace(self, sampler=sampler)
 
     # -- queries ------------------------------------------------------------------------------------
 
@@ -159,6 +172,7 @@ class MaskSet:
             "buckets": self.buckets.to_list(),
             "units": [u.to_dict() for u in self.units],
             "values": [[_tidy(v) for v in row] for row in self.values],
+            "sampler": self.sampler.to_dict(),
             "provenance": {"maskopt": __version__, "created": _now(), **self.provenance},
         }
 
@@ -181,22 +195,28 @@ class MaskSet:
     def from_dict(cls, d: Any, where: str = "mask file") -> "MaskSet":
         if not isinstance(d, dict):
             raise MaskoptError(f"{where}: not a maskopt mask file (a JSON object is expected)")
-        if d.get("format") != FORMAT:
-            raise MaskoptError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("format") not in (FORMAT, FORMAT_1):
+            raise MaskoptError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r} (or {FORMAT_1!r})")
         for key in ("num_train_timesteps", "buckets", "units", "values"):
             if key not in d:
                 raise MaskoptError(f"{where}: missing {key!r}")
         try:
             units = tuple(Unit.from_dict(u) for u in d["units"])
             buckets = Buckets(tuple(tuple(r) for r in d["buckets"]), int(d["num_train_timesteps"]))
+            provenance = dict(d.get("provenance", {}))
+            if d["format"] == FORMAT_1:  # a search wrote its settings into the provenance
+                sampler = Sampler.from_search_config(provenance.get("config"))
+            else:
+                sampler = Sampler.from_dict(d.get("sampler") or {}, where="sampler")
             return cls(
                 units=units,
                 buckets=buckets,
                 values=d["values"],
                 source=str(d.get("source", "")),
                 fingerprint=str(d.get("fingerprint", "")),
-                provenance=dict(d.get("provenance", {})),
+                provenance=provenance,
                 weights=tuple(d.get("weights_sample", ())),
+                sampler=sampler,
             )
         except MaskoptError as e:
             raise MaskoptError(f"{where}: {e}") from None

@@ -25,7 +25,7 @@ def test_round_trip(tmp_path, unet, masks):
     assert np.array_equal(back.values, masks.values)  # exact, not approximately
     assert back.fingerprint == masks.fingerprint and back.source == masks.source
     d = json.loads(path.read_text())
-    assert d["format"] == "maskopt.masks/1" and d["buckets"] == [[0, 99], [100, 599], [600, 999]]
+    assert d["format"] == "maskopt.masks/2" and d["buckets"] == [[0, 99], [100, 599], [600, 999]]
     assert d["values"][0][:2] == [0, 1]
     assert {"reward", "budget", "maskopt", "created"} <= d["provenance"].keys()
     assert d["units"][-1] == {"name": "down_blocks.0.resnets.0.conv1", "kind": "group", "group": 1, "groups": 2}
@@ -45,7 +45,7 @@ def _write(tmp_path, masks, **change):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(format="maskopt.masks/9"), "format is 'maskopt.masks/9', expected 'maskopt.masks/1'"),
+    (dict(format="maskopt.masks/9"), "format is 'maskopt.masks/9', expected 'maskopt.masks/2' \\(or 'maskopt.masks/1'\\)"),
     (dict(values=None), "missing 'values'"),
     (dict(values=lambda d: d["values"][:2]), "values has 2 rows but there are 3 buckets"),
     (dict(values=lambda d: [d["values"][0], d["values"][1][:-1], d["values"][2]]), "values row 1 has .* numbers but there are"),
@@ -54,6 +54,9 @@ def _write(tmp_path, masks, **change):
     (dict(units=lambda d: d["units"][:-1] + [{"name": "up_blocks.7.nope", "kind": "weight"}]), "unit 'up_blocks.7.nope' does not exist"),
     (dict(units=lambda d: d["units"][:-1] + [{"name": "x", "kind": "mystery"}]), "kind 'mystery' is not one of"),
     (dict(fingerprint="0" * 64), "masks were made for U-Net .* not for this one"),
+    (dict(sampler={"steps": 0}), "sampler: sampler steps must be a positive integer, got 0"),
+    (dict(sampler={"stepz": 15}), "sampler: unknown key 'stepz'"),
+    (dict(sampler=[15]), "sampler: expected an object of scheduler, steps, guidance"),
 ])
 def test_invalid_files_rejected(tmp_path, unet, masks, change, message):
     path = _write(tmp_path, masks, **change)
