@@ -1,7 +1,13 @@
 """Search settings as one plain dataclass; recipes are small YAML files of overrides.
 
-Precedence: dataclass defaults < recipe (`--recipe FILE.yaml`) < command-line flags. The resolved
-config is saved at the head of the journal and in the mask file's provenance.
+Precedence: dataclass defaults < recipe (`--recipe FILE.yaml`) < command-line flags; then every default
+that depends on other settings (the reward and prompts of the embedded default, the space's optimizer,
+the pipeline's own sampler and size) is filled in one place, `complete`. The resolved config is saved
+at the head of the journal and in the mask file's provenance.
+
+    >>> cfg = resolve(budget=40)                       # the embedded default's recipe, one flag over it
+    >>> cfg.model, cfg.reward, cfg.optimizer, cfg.scheduler, cfg.size, cfg.guidance
+    ('maskopt:default', 'digits', 'DiscreteOnePlusOne', 'ddim', (32, 32), 1.0)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import MaskoptError
+from .models import EMBEDDED
 
 logger = logging.getLogger(__name__)
 
@@ -26,30 +33,33 @@ STRATEGIES = ("sweep", "joint")
 
 @dataclass
 class SearchConfig:
-    prompts: str | None = None  # prompt file; default: the embedded default's prompts
-    model: str | None = None  # hub id or folder; None: the embedded default (digits)
-    reward: str | None = None  # reward spec; None: "digits" for the embedded default, "clip" otherwise
+    """Every setting of a search. `resolve()` fills the ones left None here, so a resolved config holds
+    no None: it is what the journal's header and the mask file's provenance record."""
+
+    prompts: str | None = None  # prompt file; resolved: the embedded default's prompts, on that model only
+    model: str = EMBEDDED  # hub id, local folder, or maskopt:default (the digits pipeline in the package)
+    reward: str | None = None  # reward spec; resolved: "digits" on the embedded default, "clip" otherwise
     targets: list[str] = field(default_factory=lambda: ["paper"])  # presets or module-name globs
     space: str = "gates"  # binary | gates | groups
-    groups: int | None = None  # channel groups per layer (default 4 for the groups space)
+    groups: int | None = None  # channel groups per layer; resolved: 4 in the groups space, else 1 (whole layers)
     gate_range: tuple[float, float] = (0.75, 1.25)  # gates space bounds (wider ranges bought reward with realism)
     buckets: int = 4  # K timestep buckets
     budget: int = 100  # evaluations, the all-ones baseline included
-    optimizer: str | None = None  # nevergrad registry name; None: the default for the space
+    optimizer: str | None = None  # nevergrad registry name; resolved: the space's default (space.DEFAULT_OPTIMIZER)
     strategy: str = "joint"  # joint: one optimizer over every bucket; sweep: one bucket at a time (sweep.py)
     workers: int = 1  # candidates asked at once and evaluated in one batch
     seeds: int = 2  # sampling seeds 0..S-1 per prompt, the same for every candidate
     steps: int = 15
     guidance: float = 7.5
-    size: tuple[int, int] | None = None  # (H, W) in pixels; None: the pipeline's default
-    scheduler: str | None = None  # None: the pipeline's own
-    holdout_prompts: str | None = None  # held-out prompt file; None: the search prompts (unseen seeds only)
+    size: tuple[int, int] | None = None  # (H, W) in pixels; resolved: the pipeline's own
+    scheduler: str | None = None  # sampler name; resolved: the pipeline's own (models.scheduler_name)
+    holdout_prompts: str | None = None  # held-out prompt file; resolved: the embedded default's, else the search prompts
     holdout_seeds: int = 4  # unseen seeds for validation: 1000 .. 1000+N-1
     sparsity: float = 0.0  # objective bonus (>0) or penalty (<0) per unit removed (per bucket, / K)
-    batch_size: int | None = None  # images per candidate per pipeline call; None: all of them
+    batch_size: int = 0  # images per candidate per pipeline call; 0: all of them at once
     cache: int = 256  # trajectory cache entries (U-Net outputs); 0 turns reuse off
     seed: int = 0  # optimizer seed
-    out: str | None = None  # None: a new runs/search-YYYYmmdd-HHMMSS, so rerunning never collides
+    out: str | None = None  # resolved: a new runs/search-YYYYmmdd-HHMMSS, so rerunning never collides
     resume: bool = False
     device: str = "cpu"
     dtype: str = "float32"
@@ -72,11 +82,8 @@ class SearchConfig:
         The prompt files are compared by their prompts (kept in the journal), not by path, so a moved file
         resumes and an edited one does not; a local model folder is compared by its absolute path.
         """
-        from .space import DEFAULT_OPTIMIZER
-
         d = {k: v for k, v in self.settings().items() if k not in ("prompts", "holdout_prompts")}
-        d["optimizer"] = self.optimizer or DEFAULT_OPTIMIZER.get(self.space)
-        if self.model and Path(self.model).expanduser().exists():
+        if Path(self.model).expanduser().exists():
             d["model"] = str(Path(self.model).expanduser().resolve())
         return d
 
@@ -85,12 +92,13 @@ class SearchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def validate(self) -> None:
-        for name in ("steps", "buckets", "budget", "seeds", "workers", "holdout_seeds", "groups", "batch_size"):
+        for name in ("steps", "buckets", "budget", "seeds", "workers", "holdout_seeds", "groups"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MaskoptError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.cache < 0:
-            raise MaskoptError(f"--cache must be 0 (no reuse) or more, got {self.cache}")
+        for name, zero in (("cache", "no reuse"), ("batch_size", "all at once")):
+            if getattr(self, name) < 0:
+                raise MaskoptError(f"--{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
         if self.buckets > self.steps:
             raise MaskoptError(f"--buckets {self.buckets} is larger than the number of sampling steps ({self.steps})")
         if self.strategy not in STRATEGIES:
@@ -126,8 +134,14 @@ def parse_range(text: str | tuple | list) -> tuple[float, float]:
     return lo, hi
 
 
+# settings older recipes and journals spell as null, and what that meant
+_NULL_MEANT = {"model": EMBEDDED, "batch_size": 0}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """A setting's value from a recipe or a flag, in its field's type; MaskoptError naming it otherwise."""
+    if value is None and name in _NULL_MEANT:
+        return _NULL_MEANT[name]
     if name == "size":
         return parse_size(value)
     if name == "gate_range":
@@ -177,12 +191,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
-    """SearchConfig from defaults, then the recipe, then the flags that were given (not None).
+    """The search's settings from defaults, then the recipe, then the flags that were given (not None),
+    with every default filled (`complete`).
 
-    Without a recipe and without --model, the embedded default's own recipe applies (its sampler
-    settings differ from SD's: see maskopt/default/recipe.yaml).
+    Without a recipe, on the embedded default, its own recipe applies (its sampler settings differ
+    from SD's: see maskopt/default/recipe.yaml).
     """
-    if recipe is None and flags.get("model") is None:
+    if recipe is None and flags.get("model") in (None, EMBEDDED):
         from .default import RECIPE_PATH
 
         recipe = str(RECIPE_PATH)
@@ -199,4 +214,34 @@ def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
             raise MaskoptError("--resume needs --out: the folder of the search to continue")
         cfg.out = time.strftime("runs/search-%Y%m%d-%H%M%S")
     cfg.validate()
-    return cfg
+    return complete(cfg)
+
+
+def complete(cfg: SearchConfig) -> SearchConfig:
+    """`cfg` with every setting left None filled with its default; a complete config comes back equal.
+
+    The pipeline's own sampler and image size are read from its config files (no weights are loaded).
+    """
+    from . import default
+    from .models import check_scheduler, pipeline_info
+    from .space import default_optimizer
+
+    embedded = cfg.model == EMBEDDED
+    fill: dict[str, Any] = {}
+    if cfg.prompts is None:
+        if not embedded:
+            raise MaskoptError("--prompts is required with --model (the shipped prompts are for the embedded digits model)")
+        fill["prompts"] = str(default.PROMPTS_PATH)
+        if cfg.holdout_prompts is None:  # the shipped prompts come with shipped held-out phrasings
+            fill["holdout_prompts"] = str(default.HOLDOUT_PROMPTS_PATH)
+    fill.setdefault("holdout_prompts", cfg.holdout_prompts or fill.get("prompts") or cfg.prompts)
+    fill["reward"] = cfg.reward or ("digits" if embedded else "clip")
+    fill["optimizer"] = cfg.optimizer or default_optimizer(cfg.space)
+    fill["groups"] = cfg.groups or (4 if cfg.space == "groups" else 1)
+    if cfg.scheduler is not None:
+        check_scheduler(cfg.scheduler)
+    if cfg.scheduler is None or cfg.size is None:
+        info = pipeline_info(cfg.model)
+        fill["scheduler"] = cfg.scheduler or info.scheduler
+        fill["size"] = cfg.size or info.size
+    return dataclasses.replace(cfg, **fill)

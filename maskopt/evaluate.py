@@ -81,31 +81,40 @@ class TrajectoryCache:
             self._store.popitem(last=False)
 
 
-@contextmanager
-def stepping(unet: torch.nn.Module, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
-             tag: Any = 0, gate: per_sample | None = None) -> Iterator[dict]:
-    """Patch `unet.forward` for one sampling run of `len(masksets)` candidates x `images` images each.
+class Stepper:
+    """Stands in for `unet.forward` during one sampling run of `len(masksets)` candidates x `images` images each.
 
     The batch holds candidate 0's images, then candidate 1's, ... (twice over with classifier-free
     guidance). Per step, a candidate whose output for this step and visited values is cached is
     replayed; the others run through the U-Net together (with `gate` selecting their masks) and are
-    cached. `tag` names the chunk of images. Yields per-candidate counts of cache hits and U-Net calls.
+    cached. `tag` names the chunk of images, so chunks never share cache entries.
     """
-    forward = unet.forward
-    buckets = masksets[0].buckets
-    rows = [[tuple(r) for r in m.values] for m in masksets]
-    w = len(masksets)
-    run = {"step": 0, "visited": [], "hits": [0] * w, "calls": [0] * w}
 
-    def stepped(sample, timestep, *args, **kwargs):
-        k = buckets.index(scalar_timestep(timestep))
-        if not run["visited"] or run["visited"][-1] != k:
-            run["visited"].append(k)
-        visited = tuple(run["visited"])
-        keys = [(tag, run["step"], visited, tuple(rows[c][b] for b in visited)) for c in range(w)]
-        run["step"] += 1
+    def __init__(self, forward: Callable, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
+                 tag: Any = 0, gate: per_sample | None = None) -> None:
+        self.forward, self.images, self.cache, self.tag, self.gate = forward, images, cache, tag, gate
+        self.buckets = masksets[0].buckets
+        self.rows = [[tuple(r) for r in m.values] for m in masksets]  # per candidate, per bucket
+        self.candidates = len(masksets)
+        self.step = 0  # U-Net calls so far in this run
+        self.visited: list[int] = []  # buckets in the order the sampler reached them
+        self.hits = [0] * self.candidates  # per candidate: steps replayed from the cache
+        self.calls = [0] * self.candidates  # per candidate: steps run through the U-Net
+
+    def keys(self) -> list[tuple]:
+        """Per candidate, this step's cache key: (chunk, step, visited buckets, its values in each of them)."""
+        visited = tuple(self.visited)
+        return [(self.tag, self.step, visited, tuple(self.rows[c][b] for b in visited)) for c in range(self.candidates)]
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        k = self.buckets.index(scalar_timestep(timestep))
+        if not self.visited or self.visited[-1] != k:
+            self.visited.append(k)
+        keys = self.keys()
+        self.step += 1
+        w, cache = self.candidates, self.cache
         big = sample.shape[0]
-        owner = torch.arange(big) % (w * images) // images
+        owner = torch.arange(big) % (w * self.images) // self.images  # (big,) candidate of each batch row
         cached = [cache.get(key) if cache is not None else None for key in keys]
         todo = [c for c in range(w) if cached[c] is None]
         full = None
@@ -116,12 +125,12 @@ def stepping(unet: torch.nn.Module, masksets: list[MaskSet], images: int, cache:
                 idx = torch.isin(owner, torch.tensor(todo)).nonzero().squeeze(1)
                 take = lambda x: _take(x, idx.to(sample.device), big)
                 sub, ts, a, kw, own = take(sample), take(timestep), take(args), take(kwargs), owner[idx]
-            if gate is not None:
-                gate.select(k, own)
-            out = forward(sub, ts, *a, **kw)
+            if self.gate is not None:
+                self.gate.select(k, own)
+            out = self.forward(sub, ts, *a, **kw)
             y = out[0] if isinstance(out, tuple) else out.sample
             for c in todo:
-                run["calls"][c] += 1
+                self.calls[c] += 1
                 if cache is not None:
                     cache.misses += 1
                     cache.put(keys[c], y[(own == c).to(y.device)].detach())
@@ -137,12 +146,18 @@ def stepping(unet: torch.nn.Module, masksets: list[MaskSet], images: int, cache:
                         full = cached[c].new_empty((big,) + cached[c].shape[1:])
                     full[(owner == c).to(full.device)] = cached[c]
                 cache.hits += 1
-                run["hits"][c] += 1
+                self.hits[c] += 1
         return _as_output(full, kwargs.get("return_dict", True))
 
-    unet.forward = stepped
+
+@contextmanager
+def stepping(unet: torch.nn.Module, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
+             tag: Any = 0, gate: per_sample | None = None) -> Iterator[Stepper]:
+    """`unet.forward` replaced by a `Stepper` for one sampling run; yields it (its per-candidate counts)."""
+    stepper = Stepper(unet.forward, masksets, images, cache, tag, gate)
+    unet.forward = stepper
     try:
-        yield run
+        yield stepper
     finally:
         del unet.forward  # back to the class's forward
 
@@ -216,13 +231,13 @@ class Evaluator:
         guidance: float,
         size: tuple[int, int] | None = None,
         cache: TrajectoryCache | None = None,
-        batch_size: int | None = None,
+        batch_size: int = 0,
     ) -> None:
         self.pipe, self.reward, self.template = pipe, reward, template
         self.prompts, self.seeds = list(prompts), list(seeds)
         self.steps, self.guidance, self.size = steps, guidance, size
         self.cache = cache
-        self.batch_size = batch_size  # images per pipeline call; None = all at once
+        self.batch_size = batch_size  # images per pipeline call; 0 = all at once
         # (seed, prompt) order: image i is prompt i % P with seed i // P
         self.image_prompts = [p for _ in self.seeds for p in self.prompts]
         self.image_seeds = [s for s in self.seeds for _ in self.prompts]
@@ -252,7 +267,7 @@ class Evaluator:
                         out = self._sample(slice(start, start + m), w)
                     for c in range(w):
                         images[c].append(out[c * m:(c + 1) * m])
-                        hits[c], calls[c] = hits[c] + run["hits"][c], calls[c] + run["calls"][c]
+                        hits[c], calls[c] = hits[c] + run.hits[c], calls[c] + run.calls[c]
             per = [torch.cat(chunks) for chunks in images]
             scores = self._score(torch.cat(per), self.image_prompts * w)
         seconds = (time.perf_counter() - t0) / w

@@ -1,15 +1,18 @@
 """`maskopt search`: gradient-free search of per-bucket mask values against a reward, over a prompt set.
 
-    cfg = resolve(recipe="recipes/default.yaml", budget=60)
-    result = run_search(cfg)          # writes out/masks.json, journal.jsonl, report.md, *.png
+    >>> from maskopt.config import resolve
+    >>> cfg = resolve(budget=3, seeds=1, holdout_seeds=1, out="run")   # the embedded default, 3 evaluations
+    >>> result = run_search(cfg)            # writes run/masks.json, journal.jsonl, report.md, *.png
+    >>> result.evaluations, result.masks_path.as_posix()
+    (3, 'run/masks.json')
 
-The loop is nevergrad's ask/tell: a candidate is one value per (bucket, unit); its loss is minus
-(mean reward over prompts x seeds + sparsity bonus). The all-ones baseline is evaluated first and
-stays a candidate. The objective is exact (the same seeds for every candidate), so a candidate the
-optimizer proposes again is told its known loss and costs no budget. Every evaluation is journaled
-before the next starts, so `--resume` replays the journal into a fresh optimizer and continues. The
-best candidate and the baseline are then compared on held-out prompts and unseen seeds; the gain is
-reported only when its 95% interval excludes 0.
+A candidate is one value per (bucket, unit); its loss is minus (mean reward over prompts x seeds +
+sparsity bonus). The ask/tell loop (`asktell.py`) evaluates the all-ones baseline first, then asks
+the optimizer for candidates, evaluates each once and tells every result. Every evaluation is
+journaled before the next starts, so `--resume` replays the journal and continues. The best
+candidate and the baseline are then compared on held-out prompts and unseen seeds; the gain is
+reported only when its 95% interval excludes 0. The mask file records the sampler the search ran
+with, so generate and export default to it.
 """
 
 from __future__ import annotations
@@ -22,22 +25,22 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .asktell import AskTell, entry_loss
 from .buckets import Buckets
-from .config import SearchConfig
+from .config import SearchConfig, complete
 from .errors import MaskoptError
 from .evaluate import Evaluation, Evaluator, TrajectoryCache
 from .journal import Journal, read
 from .maskset import MaskSet
 from .prompts import read_prompts
-from .space import DEFAULT_OPTIMIZER, close, decode, encode, optimizer, space, tell
-from .sweep import BucketSweep
+from .sampler import Sampler
+from .space import optimizer, space
 from .stats import Paired, paired
+from .sweep import BucketSweep
 
 logger = logging.getLogger(__name__)
 
-FAILED_LOSS = 1e6  # a candidate whose reward is NaN/inf: scored as failed, the search goes on
 HOLDOUT_SEED0 = 1000  # validation seeds start here, far from the search seeds 0..S-1
-MAX_REPEATS = 1000  # already-evaluated proposals in a row after which a search counts as converged
 
 
 @dataclass
@@ -50,47 +53,33 @@ class SearchResult:
     evaluations: int
 
 
-def prepare(cfg: SearchConfig) -> dict[str, Any]:
-    """Check every input that can be checked before loading a model; returns the resolved inputs."""
-    from . import default
-    from .models import SCHEDULERS, check_device
-    from .rewards import PYTHON_PREFIX, load_python, reward_names
+@dataclass
+class Inputs:
+    """What `prepare` read and checked before any model loads."""
 
-    embedded = cfg.model is None
-    if not embedded and not cfg.prompts:
-        raise MaskoptError("--prompts is required with --model (the shipped prompts are for the embedded digits model)")
-    prompts = read_prompts(cfg.prompts or default.PROMPTS_PATH)
-    holdout_file = cfg.holdout_prompts or (default.HOLDOUT_PROMPTS_PATH if embedded and not cfg.prompts else None)
-    holdout = read_prompts(holdout_file) if holdout_file else prompts
-    reward = cfg.reward or ("digits" if embedded else "clip")
-    names = reward_names(reward)
-    for name in names:
-        if name.startswith(PYTHON_PREFIX):
-            load_python(name)  # imports the user's module: a missing module or function fails before the model loads
-    if "digits" in names:
-        _check_digit_prompts(cfg.prompts or default.PROMPTS_PATH, prompts, holdout_file, holdout)
-    if cfg.scheduler and cfg.scheduler not in SCHEDULERS:
-        raise MaskoptError(f"unknown scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    prompts: list[str]
+    holdout: list[str]
+    out: Path
+    fresh: bool  # the output folder was missing or empty: a failure before the first evaluation empties it again
+    created: Path | None  # the topmost folder this search made, if any
+
+
+def prepare(cfg: SearchConfig) -> Inputs:
+    """Check every input that can be checked before loading a model: each part checks its own."""
+    from . import rewards
+    from .models import check_device
+    from .space import check
+
+    prompts = read_prompts(cfg.prompts)
+    holdout = read_prompts(cfg.holdout_prompts) if cfg.holdout_prompts != cfg.prompts else prompts
+    for file, ps in ((cfg.prompts, prompts), (cfg.holdout_prompts, holdout)):
+        rewards.check(cfg.reward, ps, where=f"prompt file {file}")
+    check(cfg.space, cfg.gate_range, cfg.optimizer, cfg.workers)
     check_device(cfg.device)
-    # names a bad space, gate range or optimizer before any model loads
-    close(optimizer(cfg.optimizer, space(cfg.space, cfg.buckets, 1, cfg.gate_range), cfg.space, cfg.budget, cfg.workers))
     out = Path(cfg.out)
     fresh = not (out.is_dir() and any(out.iterdir()))
     created = _check_out(out, cfg, {"prompts": prompts, "holdout": holdout})
-    return dict(prompts=prompts, holdout=holdout, holdout_file=holdout_file, reward=reward, out=out,
-                fresh=fresh, created=created)
-
-
-def _check_digit_prompts(path: Any, prompts: list[str], holdout_path: Any, holdout: list[str]) -> None:
-    """The digits reward scores the digit a prompt names: every prompt must name exactly one."""
-    from .default.reward import digit_of
-
-    for file, ps in ((path, prompts), (holdout_path, holdout)):
-        for prompt in ps:
-            try:
-                digit_of(prompt)
-            except MaskoptError as e:
-                raise MaskoptError(f"prompt file {file}: {e} (the digits reward needs one digit per prompt)") from None
+    return Inputs(prompts, holdout, out, fresh, created)
 
 
 def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> Path | None:
@@ -105,7 +94,8 @@ def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> P
         header, _, _ = read(journal)
         if header is None:
             raise MaskoptError(f"--resume: {out} holds no search journal ({journal.name} missing or empty)")
-        before = {**SearchConfig.from_dict(header["config"]).identity(), **{k: header.get(k) for k in prompts}}
+        # journals of older versions left defaults unfilled: completed, they compare as they were meant
+        before = {**complete(SearchConfig.from_dict(header["config"])).identity(), **{k: header.get(k) for k in prompts}}
         now = {**cfg.identity(), **prompts}
         keys = [*prompts, *sorted((set(before) | set(now)) - set(prompts))]  # the prompts named first
         diff = [k for k in keys if before.get(k) != now.get(k)]
@@ -146,64 +136,52 @@ def bucket_steps(pipe: Any, buckets: Buckets, steps: int) -> list[int]:
 
 def load_model(cfg: SearchConfig) -> tuple[Any, MaskSet]:
     """The pipeline `cfg` names and its all-ones mask set over the searched units and buckets."""
-    from .models import DEFAULT_SOURCE, load_pipeline
+    from .models import load_pipeline
     from .units import find_units
 
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
-    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups or (4 if cfg.space == "groups" else None))
+    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups)
     buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
-    return pipe, MaskSet.ones(pipe.unet, units, buckets, source=cfg.model or DEFAULT_SOURCE)
+    return pipe, MaskSet.ones(pipe.unet, units, buckets, source=cfg.model)
 
 
 def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:
+    """Run the search `cfg` describes (a resolved config: `config.resolve`) into `cfg.out`."""
     from .rewards import load_reward
 
     # 1. Check inputs (cheap) before loading anything heavy.
     inputs = prepare(cfg)
-    out: Path = inputs["out"]
+    out = inputs.out
     try:
         # 2. Model, units, buckets, reward.
         pipe, template = load_model(cfg)
         units, buckets = template.units, template.buckets
         counts = bucket_steps(pipe, buckets, cfg.steps)
-        reward = load_reward(inputs["reward"], cfg.device)
-        logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), inputs["reward"])
+        reward = load_reward(cfg.reward, cfg.device)
+        logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), cfg.reward)
     except BaseException:
-        if inputs["fresh"]:
+        if inputs.fresh:
             _clean_fresh(inputs)
         raise
 
-    evaluator = Evaluator(pipe, reward, template, inputs["prompts"], range(cfg.seeds), cfg.steps, cfg.guidance,
+    evaluator = Evaluator(pipe, reward, template, inputs.prompts, range(cfg.seeds), cfg.steps, cfg.guidance,
                           cfg.size, TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size)
 
     # 3. The ask/tell loop, journaled.
     header = {"config": cfg.settings(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
-              "reward": inputs["reward"], "optimizer": cfg.optimizer or DEFAULT_OPTIMIZER[cfg.space],
-              "strategy": cfg.strategy, "prompts": inputs["prompts"], "holdout": inputs["holdout"]}
+              "reward": cfg.reward, "optimizer": cfg.optimizer, "strategy": cfg.strategy,
+              "prompts": inputs.prompts, "holdout": inputs.holdout}
     journal = Journal(out / "journal.jsonl", header)
-    _, entries, _ = read(journal.path)
+    _, journaled, _ = read(journal.path)
+    entries = list(journaled)  # every evaluation of this search: the journal's, then this run's
+    shape = (len(buckets), len(units))
     # A change in bucket k re-runs the steps of k and of the buckets visited after it (lower timesteps).
     recompute = [sum(counts[: k + 1]) / sum(counts) for k in range(len(buckets))]
-    try:
-        opt, pending = _replay(lambda: _optimizer(cfg, len(buckets), len(units), recompute), entries, cfg)
-    except BaseException:
-        journal.close()
-        raise
-    if entries:
-        logger.info("resumed %d evaluations from %s", len(entries), journal.path)
-    chosen = getattr(opt, "_info", dict)().get("sub-optim")  # what NGOpt picked for this space, budget and workers
-    if chosen:
-        logger.info("%s runs %s", header["optimizer"], chosen)
-    if chosen and cfg.workers > 1 and cfg.space == "gates" and cfg.optimizer is None:
-        # measured on the embedded default (README): NGOpt's sequential pick, COBYLA, gained +0.057;
-        # with 4 workers it picks MetaModel, which gained +0.008 in the same budget
-        logger.warning("--workers %d: NGOpt cannot run COBYLA in parallel and picks %s, which found far smaller gains "
-                       "on the embedded default than --workers 1; pass --optimizer to choose", cfg.workers, chosen)
 
     def record(values: np.ndarray, ev: Evaluation) -> dict:
         objective = ev.reward + cfg.sparsity * float((values == 0).sum()) / len(buckets)
         entry = {"i": len(entries), "values": values.tolist(), "reward": ev.reward, "objective": objective,
-                 "failed": ev.failed, "rewards": ev.per_prompt(len(inputs["prompts"])) if not ev.failed else ev.rewards,
+                 "failed": ev.failed, "rewards": ev.per_prompt(len(inputs.prompts)) if not ev.failed else ev.rewards,
                  "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits, "unet_calls": ev.unet_calls}
         journal.append(entry)  # flushed before the next evaluation starts
         entries.append(entry)
@@ -211,33 +189,42 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
             progress(entry)
         return entry
 
+    def evaluate(group: list[np.ndarray]) -> list[float]:
+        results = evaluator.many(group)
+        if not entries and results[0].failed:
+            raise MaskoptError(f"the reward {cfg.reward} returned NaN or inf for the unmasked baseline; "
+                               "every image needs a finite score to compare candidates against")
+        return [entry_loss(record(v, ev)) for v, ev in zip(group, results)]
+
+    driver = None
     try:
-        if not entries:  # the baseline first: it is always a candidate
-            ones = np.ones((len(buckets), len(units)))
-            first = evaluator(ones)
-            if first.failed:
-                raise MaskoptError(f"the reward {inputs['reward']} returned NaN or inf for the unmasked baseline; "
-                                   "every image needs a finite score to compare candidates against")
-            baseline = opt.parametrization.spawn_child(new_value=encode(ones, cfg.space))
-            tell(opt, baseline, _loss(record(ones, first)), cfg.space)
-        evaluate = lambda group: [_loss(record(v, ev)) for v, ev in zip(group, evaluator.many(group))]
-        if not ask_loop(opt, cfg, (len(buckets), len(units)), entries, pending, evaluate):
-            logger.warning("the optimizer proposed only evaluated candidates %d times in a row: stopping at %d of %d "
-                           "evaluations", MAX_REPEATS, len(entries), cfg.budget)
+        driver = AskTell(lambda: make_optimizer(cfg, shape, recompute), cfg.space, shape, cfg.budget, cfg.workers)
+        if entries:
+            logger.info("resuming from %d evaluations in %s", len(entries), journal.path)
+        chosen = driver.chosen  # what NGOpt picked for this space, budget and workers
+        if chosen:
+            logger.info("%s runs %s", cfg.optimizer, chosen)
+        if chosen and cfg.workers > 1 and cfg.space == "gates" and cfg.optimizer == "NGOpt":
+            # measured on the embedded default (docs/benchmarks.md): NGOpt's sequential pick, COBYLA, gained
+            # +0.057; with 4 workers it picks MetaModel, which gained +0.008 in the same budget
+            logger.warning("--workers %d: NGOpt cannot run COBYLA in parallel and picks %s, which found far smaller "
+                           "gains on the embedded default than --workers 1; pass --optimizer to choose", cfg.workers, chosen)
+        driver.run(evaluate, journaled)
     except MaskoptError as e:
         if entries:  # what was evaluated stays, for --resume once the cause is fixed
             raise MaskoptError(f"{e}; {len(entries)} evaluations kept in {journal.path} (--resume continues)") from None
         raise
     finally:
         journal.close()
-        close(opt)
-        if not entries and inputs["fresh"]:
+        if driver is not None:
+            driver.close()
+        if not entries and inputs.fresh:
             _clean_fresh(inputs)
 
     # 4. Best candidate vs baseline on held-out prompts and unseen seeds.
     baseline = entries[0]
-    best = min((e for e in entries if not e["failed"]), key=_loss, default=baseline)
-    holdout_eval = Evaluator(pipe, reward, template, inputs["holdout"],
+    best = min((e for e in entries if not e["failed"]), key=entry_loss, default=baseline)
+    holdout_eval = Evaluator(pipe, reward, template, inputs.holdout,
                              range(HOLDOUT_SEED0, HOLDOUT_SEED0 + cfg.holdout_seeds), cfg.steps, cfg.guidance,
                              cfg.size, None, cfg.batch_size)
     base_ev = holdout_eval(np.asarray(baseline["values"]), keep_images=True)
@@ -247,25 +234,27 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
                            f"({len(entries)} evaluations kept in {journal.path}: --resume validates again)")
     holdout = paired(base_ev.rewards, best_ev.rewards)
 
-    # 5. The mask file (the contract), then the report.
-    masks = template.with_values(
+    # 5. The mask file (the contract), with the sampler it was searched with, then the report.
+    sampler = Sampler(scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance, size=cfg.size, dtype=cfg.dtype,
+                      prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")))
+    masks = template.with_sampler(sampler).with_values(
         np.asarray(best["values"]),
-        reward=inputs["reward"], optimizer=header["optimizer"], optimizer_runs=chosen or header["optimizer"],
+        reward=cfg.reward, optimizer=cfg.optimizer, optimizer_runs=chosen or cfg.optimizer,
         strategy=cfg.strategy, space=cfg.space, budget=cfg.budget,
         evaluations=len(entries), best_evaluation=best["i"], search_reward=best["reward"],
         baseline_search_reward=baseline["reward"], holdout=holdout.to_dict(),
-        holdout_prompts=str(inputs["holdout_file"] or cfg.prompts or "search prompts"),
-        config=cfg.to_dict(),
+        holdout_prompts=cfg.holdout_prompts, config=cfg.to_dict(),
     )
     masks_path = masks.save(out / "masks.json")
     from .report import write_report
 
-    write_report(out, cfg, masks, entries, holdout, inputs["holdout"], base_ev.images, best_ev.images)
+    write_report(out, cfg, masks, entries, holdout, inputs.holdout, base_ev.images, best_ev.images)
     return SearchResult(out, masks_path, best, baseline, holdout, len(entries))
 
 
-def _optimizer(cfg: SearchConfig, n_buckets: int, n_units: int, recompute: list[float]) -> Any:
+def make_optimizer(cfg: SearchConfig, shape: tuple[int, int], recompute: list[float]) -> Any:
     """The search's optimizer: one nevergrad optimizer over every bucket at once (joint), or the bucket sweep."""
+    n_buckets, n_units = shape
     if cfg.strategy == "sweep":
         return BucketSweep(cfg.optimizer, cfg.space, n_buckets, n_units, cfg.budget - 1, recompute,
                            cfg.workers, cfg.gate_range, cfg.seed)
@@ -273,128 +262,13 @@ def _optimizer(cfg: SearchConfig, n_buckets: int, n_units: int, recompute: list[
     return optimizer(cfg.optimizer, param, cfg.space, cfg.budget, cfg.workers)
 
 
-def _replay(make: Callable[[], Any], entries: list[dict], cfg: SearchConfig) -> tuple[Any, list]:
-    """A fresh optimizer that has been told the journal; returns it and the candidates it asked past the journal.
-
-    Exact when it can be: ask as the first run asked (same seed, same groups of --workers) and tell each
-    journaled loss, so a resumed search goes on as if it had never stopped. If an ask differs from the
-    journal (another --budget or --workers, a non-deterministic optimizer), every entry is told to a new
-    optimizer as a point it did not ask for instead: the search still continues from what was learned.
-    """
-    opt = make()
-    try:
-        pending = _ask_along(opt, entries, cfg)
-        if pending is None:
-            logger.info("the optimizer no longer asks what the journal holds: replaying it as points not asked")
-            close(opt)
-            opt = make()
-            for e in entries:
-                _tell(opt, e, cfg.space)
-            pending = []
-        return opt, pending
-    except BaseException:
-        close(opt)
-        raise
-
-
-def ask_loop(opt: Any, cfg: SearchConfig, shape: tuple[int, int], entries: list[dict], pending: list,
-             evaluate: Callable[[list[np.ndarray]], list[float]]) -> bool:
-    """Ask, evaluate and tell until `entries` holds `cfg.budget` evaluations; False if it stopped early.
-
-    Each group holds `cfg.workers` candidates not evaluated yet (`_ask_group`), evaluated together:
-    `evaluate` scores a list of value arrays and appends their journal entries. `pending`: candidates
-    asked before a resume and not yet told (`_ask_along`), the start of the first group.
-    """
-    known = {_key(e["values"]): _loss(e) for e in entries}
-    while len(entries) < cfg.budget:
-        # a group cut by a kill is taken as it was asked: asking more would change every group after it
-        group, converged = (pending, False) if pending else \
-            _ask_group(opt, cfg.space, shape, known, min(cfg.workers, cfg.budget - len(entries)))
-        pending = []
-        todo = {key: values for _, key, values in group if key not in known}  # a journal cut inside a group has some
-        known.update(zip(todo, evaluate(list(todo.values())) if todo else []))
-        for cand, key, _ in group:
-            tell(opt, cand, known[key], cfg.space)
-        if converged and not todo:
-            return False
-    return True
-
-
-def _ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, float], want: int) -> tuple[list, bool]:
-    """Ask until the group holds `want` distinct candidates not evaluated yet; returns it and whether it converged.
-
-    A proposal evaluated already is told its known loss at once and does not count (the objective is
-    exact). nevergrad's discrete optimizers propose the current best again and again (a mutated choice
-    weight often keeps its choice), so asking only `want` times would leave a group of 8 with 2 or 3 new
-    candidates. An optimizer that proposes nothing new `MAX_REPEATS` times in a row has converged.
-    Returns the group's (candidate, key, values), not told, in ask order.
-    """
-    group: list = []
-    new: set[bytes] = set()
-    repeats = twins = 0
-    # twins: proposals of a candidate already in the group. Its result is not known yet, so asking on
-    # cannot teach the optimizer anything; past a few the group goes with what it has.
-    while len(new) < want and repeats < MAX_REPEATS and twins < 4 * want:
-        cand = opt.ask()
-        values = decode(cand.value, *shape)
-        key = _key(values)
-        if key in known:
-            tell(opt, cand, known[key], kind)
-            repeats += 1
-            continue
-        if key in new:
-            twins += 1  # told once the group is evaluated
-        else:
-            repeats = 0
-            new.add(key)
-        group.append((cand, key, values))
-    return group, repeats >= MAX_REPEATS
-
-
-def _ask_along(opt: Any, entries: list[dict], cfg: SearchConfig) -> list | None:
-    """Ask and tell along the journal as `ask_loop` did; the group in flight where it ends, or None if an ask differs."""
-    if entries:
-        _tell(opt, entries[0], cfg.space)  # the baseline, evaluated before the first ask
-    shape = np.asarray(entries[0]["values"]).shape if entries else (0, 0)
-    known = {_key(e["values"]): _loss(e) for e in entries[:1]}
-    i = 1
-    while i < len(entries) and i < cfg.budget:
-        group, converged = _ask_group(opt, cfg.space, shape, known, min(cfg.workers, cfg.budget - i))
-        todo = list(dict.fromkeys(key for _, key, _ in group if key not in known))
-        for key, e in zip(todo, entries[i:]):
-            if key != _key(e["values"]):
-                return None
-            known[key] = _loss(e)
-        if i + len(todo) > len(entries):
-            return group  # the journal ends inside this group: `ask_loop` evaluates the rest and tells it all
-        i += len(todo)
-        for cand, key, _ in group:
-            tell(opt, cand, known[key], cfg.space)
-        if converged and not todo:
-            break
-    return []
-
-
-def _key(values: Any) -> bytes:
-    return np.asarray(values, dtype=np.float64).ravel().tobytes()
-
-
-def _tell(opt: Any, entry: dict, kind: str) -> None:
-    """Tell a journaled evaluation as a point the optimizer did not ask."""
-    tell(opt, opt.parametrization.spawn_child(new_value=encode(np.asarray(entry["values"]), kind)), _loss(entry), kind)
-
-
-def _loss(entry: dict) -> float:
-    return FAILED_LOSS if entry["failed"] else -entry["objective"]
-
-
-def _clean_fresh(inputs: dict[str, Any]) -> None:
+def _clean_fresh(inputs: Inputs) -> None:
     """A search failed before it journaled any evaluation: leave the output folder as it was before it ran.
 
     Only a fresh search gets here (a resumed one has evaluations); its folder was empty or missing, so
     everything in it is its own. Folders it made are removed; a folder the user made stays, emptied.
     """
-    out, made = inputs["out"], inputs["created"]
+    out, made = inputs.out, inputs.created
     if made is not None:
         shutil.rmtree(made, ignore_errors=True)
     elif out.is_dir():

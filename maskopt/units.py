@@ -10,8 +10,15 @@ A unit is named by its module name in `unet.named_modules()` and has one of thre
 Every unit therefore reduces to "scale these output rows of these parameters", see `Unit.scales()`;
 applying and baking masks (`apply.py`) only ever deals with that form.
 
-    >>> units = find_units(unet, "paper")          # 72 units on the SD1.5 U-Net
-    >>> units = find_units(unet, ["up_blocks.*.resnets.*"], groups=4)
+    >>> from maskopt.models import load_unet
+    >>> unet = load_unet("maskopt:default")
+    >>> len(find_units(unet, "paper"))                     # 72 on SD1.5's U-Net, 288 on SDXL's
+    32
+    >>> find_units(unet, ["up_blocks.*.resnets.*"])[0].kind    # a whole residual branch
+    'branch'
+    >>> units = find_units(unet, ["up_blocks.*.resnets.*.conv1"], groups=4)   # 4 output-channel groups each
+    >>> units[0].kind, units[0].key
+    ('group', 'up_blocks.0.resnets.0.conv1#0/4')
 """
 
 from __future__ import annotations
@@ -171,7 +178,8 @@ def _glob(unet: nn.Module, pattern: str) -> list[Unit]:
 def find_units(unet: nn.Module, targets: str | Sequence[str] = "paper", groups: int | None = None) -> list[Unit]:
     """Units selected by presets and/or name globs, in module order, each once.
 
-    `groups=G` turns every weight unit into G group units (branches stay branches).
+    `groups=G` (G > 1) turns every weight unit into G group units (branches stay branches); 1 or None
+    keeps whole layers.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
@@ -182,7 +190,7 @@ def find_units(unet: nn.Module, targets: str | Sequence[str] = "paper", groups: 
             found[u] = None
     order = {n: i for i, (n, _) in enumerate(unet.named_modules())}
     units = sorted(found, key=lambda u: order[u.name])
-    if groups:
+    if groups and groups > 1:
         units = [g for u in units for g in _split(unet, u, groups)]
     return units
 

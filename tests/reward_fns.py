@@ -1,5 +1,8 @@
 """Plain reward functions for the python:module:function tests (tests/ is on sys.path via conftest)."""
 
+import os
+import signal
+
 import torch
 
 
@@ -41,4 +44,15 @@ def raises_later(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     _raise_after["n"] += 1
     if _raise_after["n"] >= _raise_after["at"]:
         raise RuntimeError("model server went away")
+    return images.mean(dim=(1, 2, 3))
+
+
+_die = {"n": 0}
+
+
+def dies(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Brightness; but on call MASKOPT_TEST_DIE_AT (if set) the process SIGKILLs itself, mid-evaluation."""
+    _die["n"] += 1
+    if _die["n"] == int(os.environ.get("MASKOPT_TEST_DIE_AT", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
     return images.mean(dim=(1, 2, 3))

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ from maskopt.config import SearchConfig
 from maskopt.evaluate import Evaluator, TrajectoryCache
 from maskopt.models import load_pipeline
 from maskopt.rewards import load_reward
-from maskopt.search import _ask_group, _optimizer, _replay, ask_loop
+from maskopt.asktell import AskTell, ask_group
+from maskopt.search import make_optimizer
 from maskopt.space import close, encode, space, tell
 from tiny import tiny_pipeline
 
@@ -44,7 +44,7 @@ def args(pipe_dir, prompts, out, *extra):
             "--buckets", "2", "--steps", "4", "--seeds", "1", "--holdout-seeds", "2", "--out", str(out), *extra]
 
 
-def journal(out: Path) -> tuple[dict, list[dict]]:
+def journal_of(out: Path) -> tuple[dict, list[dict]]:
     """A search folder's journal: header and entries, every line parsed (a torn line fails the test)."""
     lines = (out / "journal.jsonl").read_text().splitlines()
     return json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
@@ -56,7 +56,7 @@ def test_search_end_to_end(pipe_dir, prompts, tmp_path, caplog):
     assert r.exit_code == 0, r.output
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(f"masks: {out / 'masks.json'}") and "held-out" in last
-    header, entries = journal(out)
+    header, entries = journal_of(out)
     assert header["config"]["space"] == "binary" and len(entries) == 6
     assert entries[0]["values"] == [[1.0] * len(entries[0]["values"][0])] * 2  # the baseline first
     assert all(len(e["rewards"]) == 2 for e in entries)  # per prompt: the duplicate was kept once
@@ -164,27 +164,29 @@ def test_full_fp32_when_precision_was_set_through_torchs_newer_api():
 
 
 def test_resume_after_sigkill(pipe_dir, prompts, tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "maskopt.cli", *args(pipe_dir, prompts, out, "--budget", "12", "--space", "gates")]
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Killed with SIGKILL while scoring its 4th evaluation (the reward kills its own process), the search resumes
+    as the uninterrupted one: the 3 journaled evaluations stay as they were, a torn line is dropped."""
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    flags = lambda folder: args(pipe_dir, prompts, folder, "--budget", "12", "--space", "gates",
+                                "--reward", "python:reward_fns:dies")
+    # one thread, as this test process runs (conftest): the same sums in the same order, so the same rewards
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "MASKOPT_TEST_DIE_AT": "4", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "maskopt.cli", *flags(out)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     journal = out / "journal.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 4):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     before = journal.read_text().splitlines()
-    assert len(before) >= 4, "the search did not journal three evaluations in time"
+    assert len(before) == 1 + 3  # the header and the evaluations scored before the kill
     with open(journal, "a") as f:
         f.write('{"i": 99, "values": [[1.0')  # a torn line, as a kill mid-write leaves
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "12", "--space", "gates", "--resume"))
+    r = CliRunner().invoke(main, flags(out) + ["--resume"])
     assert r.exit_code == 0, r.output
     after = journal.read_text().splitlines()
     assert after[: len(before)] == before  # nothing journaled before the kill is lost or rewritten
     entries = [json.loads(x) for x in after[1:]]
-    assert [e["i"] for e in entries] == list(range(12))
-    assert (out / "masks.json").exists()
+    assert [e["i"] for e in entries] == list(range(12)) and (out / "masks.json").exists()
+    assert CliRunner().invoke(main, flags(whole)).exit_code == 0
+    strip = lambda e: {k: v for k, v in e.items() if k not in ("seconds", "cache_hits", "unet_calls")}
+    assert [strip(e) for e in entries] == [strip(e) for e in journal_of(whole)[1]]
 
 
 def test_recipe_and_override(pipe_dir, prompts, tmp_path, caplog):
@@ -195,9 +197,10 @@ def test_recipe_and_override(pipe_dir, prompts, tmp_path, caplog):
                                       "gate-range": "0.5:1.5", "size": "16x16", "targets": "resnets"}))
     cfg = resolve(str(recipe), steps=6, prompts=str(prompts))
     assert (cfg.steps, cfg.buckets, cfg.space, cfg.gate_range, cfg.size, cfg.targets) == (6, 2, "binary", (0.5, 1.5), (16, 16), ["resnets"])
-    assert resolve(str(recipe)).steps == 4
-    assert resolve(str(recipe), space="gates").gate_range == (0.5, 1.5) and "gate-range" not in caplog.text
-    resolve(str(recipe), gate_range="0.6:1.4")  # asked for on the command line, with the recipe's binary space
+    assert resolve(str(recipe), prompts=str(prompts)).steps == 4
+    assert resolve(str(recipe), prompts=str(prompts), space="gates").gate_range == (0.5, 1.5)
+    assert "gate-range" not in caplog.text
+    resolve(str(recipe), prompts=str(prompts), gate_range="0.6:1.4")  # asked for on the command line, with the recipe's binary space
     assert "--gate-range bounds the gates space only; with --space binary it is not used" in caplog.text
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     with pytest.raises(Exception, match="unknown setting 'stepz'; valid: "):
@@ -228,13 +231,14 @@ def test_bad_recipe_values(tmp_path, text, message):
     assert resolve(None, guidance=7).guidance == 7.0  # an int where a float is due is fine
 
 
-def test_shipped_recipes_parse():
+def test_shipped_recipes_parse(prompts):
     from maskopt.config import resolve
 
     recipes = sorted((TESTS.parent / "recipes").glob("*.yaml"))
     assert len(recipes) >= 4
     for r in recipes:
-        resolve(str(r))
+        cfg = resolve(str(r), prompts=str(prompts))
+        assert None not in cfg.to_dict().values(), r.name  # every default filled: the hub recipes name their sampler
 
 
 def test_nan_rewards_are_failed_candidates(pipe_dir, prompts, tmp_path):
@@ -245,7 +249,7 @@ def test_nan_rewards_are_failed_candidates(pipe_dir, prompts, tmp_path):
 
     reward_fns._calls["n"] = 0
     r = CliRunner().invoke(main, a)
-    _, entries = journal(out)
+    _, entries = journal_of(out)
     assert [e["failed"] for e in entries] == [False, True, False, True, False]
     assert entries[1]["reward"] is None and "NaN" not in (out / "journal.jsonl").read_text()  # strict JSON
     # the held-out check then hits a NaN too (call 6): no mask file, a one-line error
@@ -317,11 +321,11 @@ def test_resume_compares_prompts_not_spellings(tmp_path, pipe_dir, prompts):
     moved.write_text(prompts.read_text())
     r = CliRunner().invoke(main, args(pipe_dir, moved, out, "--budget", "3", "--resume", "--optimizer", "NGOpt"))
     assert r.exit_code == 0, r.output
-    assert len(journal(out)[1]) == 3
+    assert len(journal_of(out)[1]) == 3
     moved.write_text(prompts.read_text() + "a green bird\n")
     r = CliRunner().invoke(main, args(pipe_dir, moved, out, "--budget", "4", "--resume"))
     assert r.exit_code != 0 and "the search prompts differ from the journal's" in r.output
-    assert len(journal(out)[1]) == 3  # nothing appended
+    assert len(journal_of(out)[1]) == 3  # nothing appended
 
 
 def test_failed_setup_leaves_folders_as_they_were(tmp_path, pipe_dir, prompts):
@@ -336,7 +340,7 @@ def test_failed_setup_leaves_folders_as_they_were(tmp_path, pipe_dir, prompts):
         assert not (tmp_path / "a").exists()
 
 
-def test_reward_failing_mid_search_keeps_the_journal(tmp_path, pipe_dir, prompts):
+def test_reward_failing_mid_search_keeps_the_journal_of(tmp_path, pipe_dir, prompts):
     """Evaluations made before a reward raises stay journaled; --resume with a working reward continues."""
     import reward_fns
 
@@ -349,11 +353,11 @@ def test_reward_failing_mid_search_keeps_the_journal(tmp_path, pipe_dir, prompts
     assert r.exit_code != 0 and last.startswith("Error: the reward python:reward_fns:raises_later raised "
                                                  "RuntimeError: model server went away"), r.output
     assert "3 evaluations kept in" in last and "--resume continues" in last
-    assert len(journal(out)[1]) == 3
+    assert len(journal_of(out)[1]) == 3
     reward_fns._raise_after.update(n=0, at=10**9)
     r = CliRunner().invoke(main, a + ["--resume"])
     assert r.exit_code == 0, r.output
-    assert len(journal(out)[1]) == 5 and (out / "masks.json").exists()
+    assert len(journal_of(out)[1]) == 5 and (out / "masks.json").exists()
 
 
 def test_unwritable_output(tmp_path, pipe_dir, prompts):
@@ -404,7 +408,7 @@ def test_search_on_an_sd21_pipeline(tmp_path, prompts):
         out = tmp_path / f"run{workers}"
         r = CliRunner().invoke(main, args(sd21, prompts, out, "--budget", "5", "--guidance", "3.0", "--workers", workers))
         assert r.exit_code == 0, r.output
-        _, entries = journal(out)
+        _, entries = journal_of(out)
         assert len(entries) == 5 and len({str(e["values"]) for e in entries}) == 5
         assert len(set(e["reward"] for e in entries)) > 1  # the masks change the images
     masks = MaskSet.load(out / "masks.json", unet=pipe.unet)
@@ -432,8 +436,8 @@ def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strateg
     r = CliRunner().invoke(main, args(pipe_dir, prompts, cut, "--budget", "9", *opts, "--resume"))
     assert r.exit_code == 0, r.output
     # the same candidates and rewards (not the same timings or cache hits: the resumed run starts a new cache)
-    _, resumed = journal(cut)
-    _, first = journal(whole)
+    _, resumed = journal_of(cut)
+    _, first = journal_of(whole)
     assert [e["values"] for e in resumed] == [e["values"] for e in first]
     if workers == 1:
         strip = lambda e: {k: v for k, v in e.items() if k not in ("seconds", "cache_hits", "unet_calls")}
@@ -455,7 +459,7 @@ def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path)
     out = tmp_path / "run"
     r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "9", "--strategy", "sweep"))
     assert r.exit_code == 0, r.output
-    header, entries = journal(out)
+    header, entries = journal_of(out)
     assert header["strategy"] == "sweep"
     values = [np.asarray(e["values"]) for e in entries]
     first = next(i for i, v in enumerate(values) if not np.all(v[0] == 1))  # bucket 0: lowest timesteps, visited last
@@ -470,8 +474,9 @@ def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path)
 def test_binary_search_finds_the_units_worth_removing(strategy, workers):
     """A toy objective shaped like a mask search: removing most units costs reward, removing three gains it.
 
-    Before the binary space was deterministic, every candidate removed about a third of the units at random
-    and none beat all ones; nevergrad's (1+1) also needs each exact result told twice to move its parent.
+    It fails if the binary space draws its values at random (nevergrad's stochastic Choice: every candidate
+    then removes about a third of the units and none beats all ones), or if an exact result is told once
+    (nevergrad's (1+1) then keeps its parent).
     """
     shape, good = (3, 16), [(0, 3), (1, 7), (2, 11)]
     gain = -np.ones(shape)
@@ -479,7 +484,7 @@ def test_binary_search_finds_the_units_worth_removing(strategy, workers):
         gain[k, u] = 1.0
     objective = lambda v: -float((gain * (1 - v)).sum())  # a loss
     cfg = SearchConfig(space="binary", strategy=strategy, budget=120, buckets=3, workers=workers)
-    opt = _optimizer(cfg, *shape, recompute=[1 / 3, 2 / 3, 1.0])
+    driver = AskTell(lambda: make_optimizer(cfg, shape, recompute=[1 / 3, 2 / 3, 1.0]), "binary", shape, 120, workers)
     entries: list[dict] = []
     sizes: list[int] = []
 
@@ -488,10 +493,9 @@ def test_binary_search_finds_the_units_worth_removing(strategy, workers):
         entries.extend({"values": v.tolist(), "failed": False, "objective": -objective(v)} for v in group)
         return [objective(v) for v in group]
 
-    ones = np.ones(shape)
-    tell(opt, opt.parametrization.spawn_child(new_value=encode(ones, "binary")), evaluate([ones])[0], "binary")
-    assert ask_loop(opt, cfg, shape, entries, [], evaluate)
-    close(opt)
+    driver.run(evaluate)
+    driver.close()
+    assert not driver.converged
     assert len(entries) == 120 and len({str(e["values"]) for e in entries}) == 120  # nothing evaluated twice
     # every group is full: DiscreteOnePlusOne proposes its parent again and again, which must not thin the batch
     assert sizes[1:-1] == [workers] * (len(sizes) - 2) and sizes[-1] == 119 - workers * (len(sizes) - 2)
@@ -506,19 +510,17 @@ def test_resume_inside_a_short_group_goes_on_as_if_never_stopped():
     cfg = SearchConfig(space="binary", budget=40, buckets=2, workers=8, seed=1)
     sizes: list[int] = []
 
-    def run(entries):
-        opt, pending = _replay(lambda: _optimizer(cfg, *shape, recompute=[1.0, 1.0]), entries, cfg)
+    def run(journal):
+        driver = AskTell(lambda: make_optimizer(cfg, shape, recompute=[1.0, 1.0]), "binary", shape, 40, 8)
+        entries = list(journal)
 
         def evaluate(group):
             sizes.append(len(group))
             entries.extend({"values": v.tolist(), "failed": False, "objective": -objective(v)} for v in group)
             return [objective(v) for v in group]
 
-        if not entries:
-            tell(opt, opt.parametrization.spawn_child(new_value=encode(np.ones(shape), "binary")),
-                 evaluate([np.ones(shape)])[0], "binary")
-        ask_loop(opt, cfg, shape, entries, pending, evaluate)
-        close(opt)
+        driver.run(evaluate, journal)
+        driver.close()
         return [e["values"] for e in entries]
 
     whole = run([])
@@ -534,7 +536,7 @@ def test_a_group_does_not_wait_forever_for_new_candidates():
         def ask(self):
             return param.spawn_child(new_value=encode(np.zeros((2, 3)), "binary"))
 
-    group, converged = _ask_group(Stuck(), "binary", (2, 3), {}, want=4)
+    group, converged = ask_group(Stuck(), "binary", (2, 3), {}, want=4)
     assert len({key for _, key, _ in group}) == 1 and len(group) == 1 + 16 and not converged
 
 
@@ -542,10 +544,37 @@ def test_groups_space_searches_channel_groups(pipe_dir, prompts, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "5", "--space", "groups"))
     assert r.exit_code == 0, r.output
-    header, entries = journal(out)
+    header, entries = journal_of(out)
     assert header["optimizer"] == "DiscreteOnePlusOne" and all(u["kind"] == "group" for u in header["units"])
     values = np.asarray([e["values"] for e in entries])
     assert set(np.unique(values)) <= {0.0, 1.0} and len({v.tobytes() for v in values}) == 5
     # deterministic values: the stochastic Choice switched off a third of all groups in every candidate;
     # the (1+1) family flips a few (DiscreteOnePlusOne starts with larger, shrinking mutations)
     assert all((v == 0).mean() < 0.2 for v in values[1:])
+
+
+def test_prepare_asks_each_part_to_check_itself_and_builds_nothing(monkeypatch, pipe_dir, prompts, tmp_path):
+    """Spaces check optimizer names and worker support, rewards their prompts, without an optimizer or a model."""
+    import dataclasses
+
+    from maskopt.config import resolve
+    from maskopt.errors import MaskoptError
+    from maskopt.search import prepare
+
+    def built(*a, **k):
+        raise AssertionError("prepare built an optimizer or loaded a model")
+
+    for target in ("maskopt.space.optimizer", "maskopt.models.load_pipeline", "maskopt.rewards.load_reward"):
+        monkeypatch.setattr(target, built)
+    cfg = resolve(None, model=str(pipe_dir), prompts=str(prompts), reward="python:reward_fns:brightness",
+                  out=str(tmp_path / "ok"))
+    assert prepare(cfg).prompts == ["a red cat", "a blue dog"]
+    bad = [(dict(optimizer="NoSuchOpt"), "unknown optimizer 'NoSuchOpt'"),
+           (dict(optimizer="Cobyla", workers=2), "evaluates one candidate at a time"),
+           (dict(space="gates", gate_range=(1.1, 1.5)), "must hold 1"),
+           (dict(reward="digits"), "prompt 'a red cat' names no digit"),
+           (dict(reward="python:no_such_module:f"), "cannot import module 'no_such_module'")]
+    for change, message in bad:
+        with pytest.raises(MaskoptError, match=message):
+            prepare(dataclasses.replace(cfg, out=str(tmp_path / "bad"), **change))
+    assert not (tmp_path / "bad").exists()

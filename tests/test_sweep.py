@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from maskopt.config import SearchConfig
-from maskopt.search import _optimizer, ask_loop
+from maskopt.asktell import AskTell
+from maskopt.search import make_optimizer
 from maskopt.space import close, encode, tell
 from maskopt.sweep import BucketSweep, plan
 
@@ -69,15 +70,16 @@ def test_sweep_with_workers_spends_its_plan_on_evaluations(kind):
     gain[0, 3] = gain[1, 7] = gain[2, 11] = 1.0
     loss = lambda v: -float((gain * (1 - v)).sum())
     cfg = SearchConfig(space=kind, strategy="sweep", budget=120, buckets=3, workers=8)
-    opt = _optimizer(cfg, *shape, recompute=[1 / 3, 2 / 3, 1.0])
+    driver = AskTell(lambda: make_optimizer(cfg, shape, recompute=[1 / 3, 2 / 3, 1.0]), kind, shape, cfg.budget, cfg.workers)
     entries: list[dict] = []
 
     def evaluate(group):
         entries.extend({"values": v.tolist(), "failed": False, "objective": -loss(v)} for v in group)
         return [loss(v) for v in group]
 
-    tell(opt, opt.parametrization.spawn_child(new_value=encode(np.ones(shape), kind)), evaluate([np.ones(shape)])[0], kind)
-    assert ask_loop(opt, cfg, shape, entries, [], evaluate) and len(entries) == 120
+    driver.run(evaluate)
+    assert not driver.converged and len(entries) == 120
+    opt = driver.opt
     assert opt.stage == len(opt.stages) - 1 and opt._asked <= opt.stages[-1][1] + cfg.workers  # the plan held
     close(opt)
 

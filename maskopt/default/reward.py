@@ -64,8 +64,7 @@ class DigitReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(B,) float32 CPU tensor: the probability of each prompt's digit in its image."""
-        for prompt in prompts:  # a prompt without a digit fails before any image is scored
-            digit_of(prompt)
+        check_prompts(prompts)  # a prompt without a digit fails before any image is scored
         return batched(self._probability, images, prompts, self.batch_size)
 
     @torch.no_grad()
@@ -82,6 +81,20 @@ class DigitReward:
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 64) float32 CPU penultimate-layer features, the space ``frechet_distance`` works in."""
         return self._map(self.model.features, images, FEATURE_DIM)
+
+
+def load(source: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DigitReward:
+    """The `digits` reward of a spec: the shipped classifier, or one at `source` (a safetensors file)."""
+    return DigitReward(source, device, dtype)
+
+
+def check_prompts(prompts: list[str]) -> None:
+    """Every prompt must name exactly one digit: the reward scores that digit (MaskoptError naming the prompt)."""
+    for prompt in prompts:
+        try:
+            digit_of(prompt)
+        except MaskoptError as e:
+            raise MaskoptError(f"{e} (the digits reward needs one digit per prompt)") from None
 
 
 @lru_cache(maxsize=1)

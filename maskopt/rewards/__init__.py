@@ -1,11 +1,15 @@
 """Rewards: score a batch of generated images against their prompts, higher is better.
 
-    from maskopt.rewards import load_reward
-    reward = load_reward("clip")                            # openai/clip-vit-large-patch14
-    reward = load_reward("hpsv2@/models/HPS_v2.1_compressed.pt", device="cuda", dtype=torch.float16)
-    reward = load_reward("imagereward=1,hpsv2=5")           # weighted sum; reward.last_terms per term
-    reward = load_reward("python:my_rewards:brightness")    # any function(images, prompts) -> scores
-    scores = reward(images, prompts)  # images (B, 3, H, W) in [0, 1]; scores (B,) float32 on CPU
+    >>> import torch
+    >>> from maskopt.rewards import load_reward
+    >>> reward = load_reward("digits")                   # the embedded default's classifier
+    >>> images = torch.rand(2, 3, 32, 32)                # (B, 3, H, W) in [0, 1]
+    >>> reward(images, ["a handwritten 7", "the digit three"]).shape    # (B,) float32 on the CPU
+    torch.Size([2])
+
+Other specs: "clip" (openai/clip-vit-large-patch14), "hpsv2@/models/HPS_v2.1_compressed.pt" (a local
+checkpoint), "imagereward=1,hpsv2=5" (a weighted sum; reward.last_terms holds each term's scores),
+"python:my_rewards:brightness" (any function(images, prompts) -> scores).
 
 Spec grammar:
     spec     := term | weighted
@@ -15,8 +19,11 @@ Spec grammar:
 A source may not contain "," or "=". Each reward's default source and formula are in its module.
 
 A reward is any object with ``name``, ``batch_size`` and ``__call__(images, prompts)`` (see
-``base.Reward``). ``REWARDS`` maps each name to a loader ``(source | None, device, dtype) -> reward``;
-heavy imports (transformers, image-reward) happen inside the loaders, so importing this is cheap.
+``base.Reward``). ``REWARDS`` maps each name to the module that holds it: its ``load(source | None,
+device, dtype) -> reward``, and, for a reward that reads its prompts, an optional
+``check_prompts(prompts)`` that ``check`` calls before any model loads (the digits reward needs a digit
+in every prompt). Heavy imports (transformers, image-reward) happen inside the loaders, so importing
+this is cheap.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from typing import Callable
+from typing import Sequence
 
 import torch
 
@@ -36,24 +43,13 @@ from .weighted import WeightedSum
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[str | None, str, torch.dtype], Reward]
-
-
-def _lazy(module: str, attr: str) -> Loader:
-    def loader(source: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Reward:
-        return getattr(importlib.import_module(module), attr)(source, device, dtype)
-
-    loader.__qualname__ = loader.__name__ = f"{module}.{attr}"
-    return loader
-
-
-REWARDS: dict[str, Loader] = {
-    "aesthetic": _lazy("maskopt.rewards.aesthetic", "load"),
-    "clip": _lazy("maskopt.rewards.clip", "load"),
-    "digits": _lazy("maskopt.default.reward", "DigitReward"),  # the embedded default's digit classifier
-    "hpsv2": _lazy("maskopt.rewards.hpsv2", "load"),
-    "imagereward": _lazy("maskopt.rewards.imagereward", "load"),
-    "pickscore": _lazy("maskopt.rewards.pickscore", "load"),
+REWARDS: dict[str, str] = {
+    "aesthetic": "maskopt.rewards.aesthetic",
+    "clip": "maskopt.rewards.clip",
+    "digits": "maskopt.default.reward",  # the embedded default's digit classifier
+    "hpsv2": "maskopt.rewards.hpsv2",
+    "imagereward": "maskopt.rewards.imagereward",
+    "pickscore": "maskopt.rewards.pickscore",
 }
 
 
@@ -99,7 +95,7 @@ def _load_term(term: str, device: str, dtype: torch.dtype) -> Reward:
     if name.startswith(PYTHON_PREFIX):
         return load_python(term)
     logger.info("loading reward %s from %s on %s (%s)", name, source or "its default source", device, dtype)
-    return REWARDS[name](source, device, dtype)
+    return importlib.import_module(REWARDS[name]).load(source, device, dtype)
 
 
 def check_spec(spec: str) -> list[tuple[str, float]]:
@@ -113,9 +109,21 @@ def check_spec(spec: str) -> list[tuple[str, float]]:
     return terms
 
 
-def reward_names(spec: str) -> list[str]:
-    """The reward name of each term of a spec (python terms whole), every term checked, nothing loaded."""
-    return [_parse_term(term)[0] for term, _ in check_spec(spec)]
+def check(spec: str, prompts: Sequence[str], where: str = "prompts") -> None:
+    """Everything about a spec that can fail before a model loads: its names, the modules and functions of
+    its python: terms (imported), and the prompts of every reward that reads them (`check_prompts`;
+    its error is prefixed with `where`)."""
+    for term, _ in check_spec(spec):
+        name, _ = _parse_term(term)
+        if name.startswith(PYTHON_PREFIX):
+            load_python(name)
+            continue
+        check_prompts = getattr(importlib.import_module(REWARDS[name]), "check_prompts", None)
+        if check_prompts is not None:
+            try:
+                check_prompts(list(prompts))
+            except MaskoptError as e:
+                raise MaskoptError(f"{where}: {e}") from None
 
 
 def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Reward:
@@ -127,5 +135,5 @@ def load_reward(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float
     return WeightedSum([(term, w, _load_term(term, device, dtype)) for term, w in terms], name=spec)
 
 
-__all__ = ["PYTHON_PREFIX", "REWARDS", "Reward", "WeightedSum", "check_spec", "load_python", "load_reward", "reward_names",
+__all__ = ["PYTHON_PREFIX", "REWARDS", "Reward", "WeightedSum", "check", "check_spec", "load_python", "load_reward",
            "valid_names"]
