@@ -178,11 +178,13 @@ def test_mask_file_for_another_unet_is_refused():
 def test_size_must_fit_the_unet_and_default_model_is_the_mask_source(monkeypatch):
     r = cli("export", "--masks", masks(), "--model", pipeline(), "--out", workspace() / "odd", "--size", "6:16:32")
     assert r.exit_code == 1 and "size 6 px: image sides must be multiples of 4" in r.output
-    assert export_pkg.resolve_model(None, str(pipeline() / "unet")) == str(pipeline())  # pipeline's unet subfolder
-    assert export_pkg.resolve_model(None, "runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
-    assert export_pkg.resolve_model(None, "UNet2DConditionModel") is None  # the embedded default
-    assert export_pkg.resolve_model(None, "maskopt:default") is None  # what a search on the embedded default writes
-    assert export_pkg.resolve_model("x/y", "anything") == "x/y"
+    from maskopt.models import EMBEDDED, model_for
+
+    assert model_for(None, str(pipeline() / "unet")) == str(pipeline())  # pipeline's unet subfolder
+    assert model_for(None, "runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    assert model_for(None, "UNet2DConditionModel") == EMBEDDED  # a U-Net built in Python names only its class
+    assert model_for(None, "maskopt:default") == EMBEDDED  # what a search on the embedded default writes
+    assert model_for("x/y", "anything") == "x/y"
     assert Range.parse("512") == Range(512, 512, 512)
 
 

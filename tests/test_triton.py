@@ -39,7 +39,9 @@ def test_repository_configs_parse_with_triton_protobuf(xl):
 
 def test_plan_config_and_validation_errors(tmp_path):
     sig = Signature(4, 4, 16)
-    text = triton.variant_config("unet_b0", sig, triton.BACKENDS["plan"])
+    from google.protobuf import text_format
+
+    text = text_format.MessageToString(triton.variant_config("unet_b0", sig, triton.BACKENDS["plan"]))
     (tmp_path / "unet_b0" / "1").mkdir(parents=True)
     (tmp_path / "unet_b0" / "config.pbtxt").write_text(text)
     with pytest.raises(MaskoptError, match="version 1 has no model.plan"):

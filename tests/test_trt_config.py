@@ -24,19 +24,19 @@ SD = Signature(4, 4, 768)
 XL = Signature(4, 4, 2048, text_embeds_dim=1280, time_ids_dim=6)
 
 
-def test_profile_doubles_batch_for_cfg_and_uses_latent_units():
-    p = profile_for(Range(1, 2, 4), Range(256, 512, 1024), cfg=True, vae_scale=8, seq=77, multiple=8)
+def test_profile_doubles_batch_for_classifier_free_guidance_and_uses_latent_units():
+    p = profile_for(Range(1, 2, 4), Range(256, 512, 1024), classifier_free=True, vae_scale=8, seq=77, multiple=8)
     shapes = p.shapes(XL)
     assert shapes["sample"] == ((2, 4, 32, 32), (4, 4, 64, 64), (8, 4, 128, 128))
     assert shapes["timestep"] == ((1,), (1,), (1,))
     assert shapes["encoder_hidden_states"] == ((2, 77, 2048), (4, 77, 2048), (8, 77, 2048))
     assert shapes["text_embeds"] == ((2, 1280), (4, 1280), (8, 1280))
     assert shapes["time_ids"] == ((2, 6), (4, 6), (8, 6))
-    no_cfg = profile_for(Range(1, 2, 4), Range(512, 512, 512), cfg=False, vae_scale=8, seq=77, multiple=8)
-    assert no_cfg.shapes(SD)["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (4, 4, 64, 64))
-    assert "text_embeds" not in no_cfg.shapes(SD)
+    unguided = profile_for(Range(1, 2, 4), Range(512, 512, 512), classifier_free=False, vae_scale=8, seq=77, multiple=8)
+    assert unguided.shapes(SD)["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (4, 4, 64, 64))
+    assert "text_embeds" not in unguided.shapes(SD)
     with pytest.raises(MaskoptError, match="multiples of 64"):
-        profile_for(Range(1, 1, 1), Range(500, 512, 512), cfg=True, vae_scale=8, seq=77, multiple=8)
+        profile_for(Range(1, 1, 1), Range(500, 512, 512), classifier_free=True, vae_scale=8, seq=77, multiple=8)
     # the two parity shapes lie inside the profile
     for b, h, w in p.verify_shapes():
         p.check(b, h, w, 77)
@@ -47,7 +47,7 @@ def test_profile_doubles_batch_for_cfg_and_uses_latent_units():
 def test_builder_config_from_settings(tmp_path):
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
-    profile = profile_for(Range(1, 1, 2), Range(512, 512, 768), cfg=True, vae_scale=8, seq=77, multiple=8)
+    profile = profile_for(Range(1, 1, 2), Range(512, 512, 768), classifier_free=True, vae_scale=8, seq=77, multiple=8)
     cache = tmp_path / "timing.cache"
     settings = EngineSettings(profile, SD, fp16=True, optimization_level=4, timing_cache=cache, refittable=True)
     config = create_config(settings)
@@ -75,7 +75,7 @@ def test_require_tensorrt_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(MaskoptError, match="pypi.nvidia.com tensorrt"):
         require_tensorrt()
-    profile = profile_for(Range(1, 1, 1), Range(512, 512, 512), cfg=True, vae_scale=8, seq=77, multiple=8)
+    profile = profile_for(Range(1, 1, 1), Range(512, 512, 512), classifier_free=True, vae_scale=8, seq=77, multiple=8)
     with pytest.raises(MaskoptError, match="TensorRT is not installed"):  # the workspace pool is a TensorRT enum
         create_config(EngineSettings(profile, SD, workspace_gb=4))
 

@@ -3,9 +3,8 @@
 JSON, `"format": "maskopt.export/1"`, documented in docs/export-format.md. `Manifest.load(folder)`
 re-hashes every file it lists and refuses a folder whose files changed.
 
-    m = Manifest.load("out/")
-    v = m.variant_for(timestep)        # the variant whose bucket holds the timestep
-    v.files["onnx"].path               # "unet_b2.onnx"
+`Manifest.load("export").variant_for(t)` is the variant whose bucket holds timestep t, and its
+`files["onnx"].path` the file to run (the example in `maskopt.export` runs it).
 """
 
 from __future__ import annotations

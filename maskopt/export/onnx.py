@@ -1,6 +1,16 @@
 """One baked U-Net variant -> one ONNX file with named inputs, dynamic shapes, folded constants.
 
-    files = export_onnx(variant, out / "unet_b0.onnx", sig, example, opset=17, fp16=False)
+    >>> from pathlib import Path
+    >>> from maskopt import Buckets, MaskSet, bake, find_units
+    >>> from maskopt.export.shapes import Signature
+    >>> from maskopt.models import load_unet
+    >>> unet = load_unet("maskopt:default")
+    >>> masks = MaskSet.ones(unet, find_units(unet, "paper"), Buckets.uniform(2))
+    >>> variant = bake(unet, masks.with_values(masks.values * 0.5), bucket=0)
+    >>> sig = Signature.from_unet(unet)
+    >>> example = sig.random_inputs(sig.shapes(2, 8, 8, 16), timestep=100.0)   # batch 2, 8x8 latents, 16 tokens
+    >>> [p.name for p in export_onnx(variant, Path("unet_b0.onnx"), sig, example, opset=17, fp16=False)]
+    ['unet_b0.onnx']
 
 Steps, each a Polygraphy loader: torch.onnx.export (TorchScript exporter: fast, and ONNX Runtime matches
 PyTorch to ~1e-6) -> FoldConstants -> (fp16) -> InferShapes -> SaveOnnx (weights in `<name>.data` once

@@ -10,10 +10,12 @@ Every variant has the same signature (names are the contract with runtimes, Trit
     -> out_sample          (B, C_out, H, W)  float32
 
 B, S, H and W are dynamic in the ONNX files. A `ShapeProfile` is the box of U-Net-call shapes an
-engine is optimised for: batch already doubled for classifier-free guidance, sizes in latent units.
+engine is optimised for: batch already doubled for classifier-free guidance (the pipeline runs the
+conditional and unconditional halves in one call), sizes in latent units.
 
-    >>> p = profile_for(Range(1, 1, 4), Range(256, 512, 1024), cfg=True, vae_scale=8, seq=77, multiple=8)
-    >>> p.batch, p.height                     # (Range(2, 2, 8), Range(32, 64, 128))
+    >>> p = profile_for(Range(1, 1, 4), Range(256, 512, 1024), classifier_free=True, vae_scale=8, seq=77, multiple=8)
+    >>> p.batch, p.height
+    (Range(min=2, opt=2, max=8), Range(min=32, opt=64, max=128))
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ class ShapeProfile:
                    int(d["seq"]), int(d.get("vae_scale", 8)))
 
 
-def profile_for(batch: Range, size: Range, *, cfg: bool, vae_scale: int, seq: int, multiple: int) -> ShapeProfile:
+def profile_for(batch: Range, size: Range, *, classifier_free: bool, vae_scale: int, seq: int,
+                multiple: int) -> ShapeProfile:
     """The profile for `batch` images per call of `size` x `size` pixels (each side in the range).
 
     With classifier-free guidance the pipeline runs the conditional and unconditional halves in one
@@ -231,7 +234,7 @@ def profile_for(batch: Range, size: Range, *, cfg: bool, vae_scale: int, seq: in
             raise MaskoptError(f"size {value} px: image sides must be multiples of {step} "
                                f"(VAE factor {vae_scale} x U-Net downsampling {multiple})")
     latent = size.divided(vae_scale)
-    return ShapeProfile(batch=batch.scaled(2 if cfg else 1), height=latent, width=latent, seq=seq, vae_scale=vae_scale)
+    return ShapeProfile(batch=batch.scaled(2 if classifier_free else 1), height=latent, width=latent, seq=seq, vae_scale=vae_scale)
 
 
 def downsampling(unet: Any) -> int:

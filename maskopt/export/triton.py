@@ -7,8 +7,8 @@
       unet_b0/1/model.plan        (a hard link to the export's unet_b0.plan: no second copy on disk)
       ...
 
-Every config.pbtxt is parsed back with Triton's own `ModelConfig` protobuf (shipped by tritonclient)
-before the export counts as done.
+Every config.pbtxt is built as Triton's own `ModelConfig` protobuf message (shipped by tritonclient),
+printed in protobuf text format, and checked as Triton would on load before the export counts as done.
 """
 
 from __future__ import annotations
@@ -45,49 +45,54 @@ BACKENDS = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# config.pbtxt text
+# config.pbtxt, built as Triton's own ModelConfig message and printed in protobuf text format
 
 
-def _tensors(field: str, specs: Sequence[tuple[str, Sequence[int | str]]]) -> str:
-    items = []
-    for name, dims in specs:
-        d = ", ".join(str(x) if isinstance(x, int) else "-1" for x in dims)  # named (dynamic) dims -> -1
-        items.append(f'  {{\n    name: "{name}"\n    data_type: TYPE_FP32\n    dims: [ {d} ]\n  }}')
-    return f"{field} [\n" + ",\n".join(items) + "\n]\n"
-
-
-def _io(sig: Signature, inputs: Sequence[str] | None = None) -> str:
+def _io(config: Any, sig: Signature, inputs: Sequence[str] | None = None) -> None:
+    """The signature's inputs (or the subset `inputs`) and output, float32, named dims dynamic (-1)."""
+    pb = model_config_module()
     dims = sig.dims()
-    inputs = [n for n in sig.input_names if inputs is None or n in inputs]
-    outputs = [n for n in dims if n not in sig.input_names]
-    return _tensors("input", [(n, dims[n]) for n in inputs]) + _tensors("output", [(n, dims[n]) for n in outputs])
+    dynamic = lambda shape: [d if isinstance(d, int) else -1 for d in shape]
+    for name in (n for n in sig.input_names if inputs is None or n in inputs):
+        config.input.add(name=name, data_type=pb.TYPE_FP32, dims=dynamic(dims[name]))
+    for name in (n for n in dims if n not in sig.input_names):
+        config.output.add(name=name, data_type=pb.TYPE_FP32, dims=dynamic(dims[name]))
 
 
-def variant_config(name: str, sig: Signature, backend: Backend, inputs: Sequence[str] | None = None) -> str:
+def variant_config(name: str, sig: Signature, backend: Backend, inputs: Sequence[str] | None = None) -> Any:
     """`inputs`: the subset of the signature the model file takes (a TensorRT engine drops inputs that
     nothing reads); default all."""
+    pb = model_config_module()
     # max_batch_size 0: the batch is the explicit first dim of each tensor (CFG doubles it; Triton must
     # not add its own batch dim, which the engines' profiles do not have).
-    return (
-        f'name: "{name}"\nplatform: "{backend.platform}"\nmax_batch_size: 0\n'
-        + _io(sig, inputs)
-        + f"instance_group [\n  {{\n    kind: {backend.kind}\n    count: 1\n  }}\n]\n"
-        + f'default_model_filename: "{backend.filename}"\n'
-    )
+    config = pb.ModelConfig(name=name, platform=backend.platform, max_batch_size=0,
+                            default_model_filename=backend.filename)
+    _io(config, sig, inputs)
+    config.instance_group.add(kind=getattr(pb.ModelInstanceGroup, backend.kind), count=1)
+    return config
 
 
 def router_config(sig: Signature, ranges: Sequence[Sequence[int]], variants: Sequence[str], num_train_timesteps: int,
-                  variant_inputs: Sequence[Sequence[str]] | None = None) -> str:
+                  variant_inputs: Sequence[Sequence[str]] | None = None) -> Any:
+    pb = model_config_module()
+    config = pb.ModelConfig(name=ROUTER, backend="python", max_batch_size=0)
+    _io(config, sig)
+    # The router only reads one float and forwards tensors: one CPU instance is plenty.
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
     params = {"buckets": json.dumps([list(r) for r in ranges]), "variants": json.dumps(list(variants)),
               "num_train_timesteps": str(num_train_timesteps)}
     if variant_inputs is not None:  # which inputs each variant takes, when some take fewer than all
         params["variant_inputs"] = json.dumps([list(i) for i in variant_inputs])
-    text = f'name: "{ROUTER}"\nbackend: "python"\nmax_batch_size: 0\n' + _io(sig)
-    # The router only reads one float and forwards tensors: one CPU instance is plenty.
-    text += "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n"
     for key, value in params.items():
-        text += f'parameters {{\n  key: "{key}"\n  value {{ string_value: {json.dumps(value)} }}\n}}\n'
-    return text
+        config.parameters[key].string_value = value
+    return config
+
+
+def _write(config: Any, path: Path) -> Path:
+    from google.protobuf import text_format
+
+    path.write_text(text_format.MessageToString(config))
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,14 +132,12 @@ def write_repository(
             # the ONNX file names its weight file; keep that name beside the renamed model.onnx
             _link(variant["onnx_data"], version / variant["onnx_data"].name)
             written.append(version / variant["onnx_data"].name)
-        (root / name / "config.pbtxt").write_text(variant_config(name, sig, backend, takes))
-        written.append(root / name / "config.pbtxt")
+        written.append(_write(variant_config(name, sig, backend, takes), root / name / "config.pbtxt"))
     (root / ROUTER / "1").mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("triton_unet.py"), root / ROUTER / "1" / "model.py")
     every = all(i == list(sig.input_names) for i in inputs)
-    (root / ROUTER / "config.pbtxt").write_text(
-        router_config(sig, ranges, names, num_train_timesteps, None if every else inputs))
-    written += [root / ROUTER / "1" / "model.py", root / ROUTER / "config.pbtxt"]
+    router = router_config(sig, ranges, names, num_train_timesteps, None if every else inputs)
+    written += [root / ROUTER / "1" / "model.py", _write(router, root / ROUTER / "config.pbtxt")]
     validate_repository(root)
     return written
 
@@ -144,8 +147,8 @@ def write_repository(
 
 
 @functools.cache
-def model_config_class() -> Any:
-    """Triton's `inference.ModelConfig` message class, from tritonclient's generated model_config_pb2.
+def model_config_module() -> Any:
+    """Triton's model-config protobuf module (ModelConfig and its enums), from tritonclient's model_config_pb2.
 
     Loaded by file path: `import tritonclient.grpc` needs the grpc extras, this file does not.
     """
@@ -158,14 +161,14 @@ def model_config_class() -> Any:
     module_spec = importlib.util.spec_from_file_location("maskopt_triton_model_config_pb2", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.ModelConfig
+    return module
 
 
 def parse_config(path: Path) -> Any:
     from google.protobuf import text_format
 
     try:
-        return text_format.Parse(Path(path).read_text(), model_config_class()())
+        return text_format.Parse(Path(path).read_text(), model_config_module().ModelConfig())
     except text_format.ParseError as e:
         raise MaskoptError(f"{path}: not a valid Triton model config ({e})") from None
 

@@ -1,7 +1,16 @@
 """TensorRT engines from the ONNX variants, with Polygraphy's loaders; refit weight sets.
 
-    settings = EngineSettings(profile, sig, fp16=True, timing_cache=Path("timing.cache"))
-    build_engine(Path("unet_b0.onnx"), Path("unet_b0.plan"), settings)
+    >>> from pathlib import Path
+    >>> from maskopt.export.onnx import export_onnx
+    >>> from maskopt.export.shapes import Range, Signature, profile_for
+    >>> from maskopt.models import load_unet
+    >>> unet = load_unet("maskopt:default")                  # 32 px images, 8x8 latents
+    >>> sig = Signature.from_unet(unet)
+    >>> onnx_file, = export_onnx(unet, Path("unet.onnx"), sig, sig.random_inputs(sig.shapes(1, 8, 8, 16), 500.0))
+    >>> profile = profile_for(Range(1, 1, 4), Range(16, 32, 64), classifier_free=False, vae_scale=4, seq=16, multiple=4)
+    >>> settings = EngineSettings(profile, sig, fp16=True, timing_cache=Path("timing.cache"))
+    >>> build_engine(onnx_file, Path("unet.plan"), settings).name          # needs TensorRT (skipped without it)
+    'unet.plan'
 
 Everything that only *describes* an engine (profiles, builder flags, refit weight sets) is plain data
 and testable without TensorRT; `tensorrt` is imported only by the functions that build or run one.

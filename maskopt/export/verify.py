@@ -1,7 +1,20 @@
 """Is an exported variant the model it came from? onnx.checker, then ONNX Runtime against PyTorch.
 
-    result = verify_onnx(path, cases, atol=1e-4, rtol=1e-3)     # cases: [(feeds, expected outputs)]
-    result.passed, result.max_abs, result.max_rel
+    >>> from pathlib import Path
+    >>> from maskopt.export.onnx import export_onnx
+    >>> from maskopt.export.shapes import Range, Signature, profile_for
+    >>> from maskopt.models import load_unet
+    >>> unet = load_unet("maskopt:default")
+    >>> sig = Signature.from_unet(unet)
+    >>> profile = profile_for(Range(1, 1, 4), Range(16, 32, 64), classifier_free=True, vae_scale=4, seq=16, multiple=4)
+    >>> cases = reference_cases(unet, sig, profile, timestep=500.0, seed=0)   # random feeds, PyTorch's outputs
+    >>> path, = export_onnx(unet, Path("unet.onnx"), sig, cases[0][0])
+    >>> result = verify_onnx(path, cases, atol=1e-4, rtol=1e-3)
+    >>> result.passed, len(result.checks), result.max_abs < 1e-4
+    (True, 2, True)
+
+The cases are computed once per variant, from the float32 PyTorch variant, and every export of that
+variant (the ONNX file, the TensorRT engine) is compared against them.
 
 The pass rule is Polygraphy's elementwise one: an element fails only when its absolute error exceeds
 `atol` *and* its relative error exceeds `rtol`. It is computed here in a few lines of NumPy rather than
@@ -25,6 +38,8 @@ logger = logging.getLogger(__name__)
 # (atol, rtol) against the float32 PyTorch variant. fp16 keeps ~3 significant digits per op and
 # errors add up over a U-Net's ~30 layers, hence the looser pair.
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2)}
+# Engines are checked against float32 PyTorch too; TensorRT's fp32 kernels reorder sums more than ORT's.
+ENGINE_TOLERANCES = {"fp32": (1e-3, 1e-2), "fp16": TOLERANCES["fp16"]}
 
 
 class ParityError(MaskoptError):
@@ -115,6 +130,31 @@ def check_onnx(path: Path) -> None:
 
 
 Case = tuple  # (feeds: {input: array}, expected: {output: array}), the reference computed once per variant
+
+
+def reference_cases(variant: Any, sig: Any, profile: Any, timestep: float, seed: int) -> list[Case]:
+    """Random inputs at the profile's check shapes (`ShapeProfile.verify_shapes`), with the float32 PyTorch
+    variant's outputs on them. The time embedding differs per bucket: give a timestep the variant serves."""
+    import torch
+
+    from .onnx import ExportWrapper
+    from .shapes import OUTPUT
+
+    wrapper = ExportWrapper(variant, sig.xl).eval()
+    cases = []
+    for i, (b, h, w) in enumerate(profile.verify_shapes()):
+        feeds = sig.random_inputs(sig.shapes(b, h, w, profile.seq), timestep, seed=seed + i)
+        with torch.no_grad():
+            out = wrapper(*(torch.from_numpy(feeds[n]) for n in sig.input_names))
+        cases.append((feeds, {OUTPUT: out.numpy()}))
+    return cases
+
+
+def tolerances(precision: str, engine: bool = False, atol: float | None = None,
+               rtol: float | None = None) -> tuple[float, float]:
+    """(atol, rtol) for a precision, the engines' or ONNX Runtime's; a given atol or rtol wins."""
+    default_atol, default_rtol = (ENGINE_TOLERANCES if engine else TOLERANCES)[precision]
+    return (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
 
 
 def run_cases(cases: Sequence[Case], infer: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
