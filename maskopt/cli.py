@@ -154,7 +154,7 @@ def _hxw(text: str | None) -> tuple[int, int] | None:
 
 
 @main.command()
-@click.option("--masks", "masks_path", required=True, type=click.Path(), help="Mask file (maskopt.masks/1).")
+@click.option("--masks", "masks_path", required=True, type=click.Path(), help="Mask file (made by maskopt search).")
 @click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the mask file's source, else"))
 @click.option("--out", required=True, type=click.Path(), help="Output folder (refused if it exists and is not empty).")
 @click.option("--onnx", "onnx_", is_flag=True, help="Keep ONNX variants (the default when --trt is not given).")
@@ -163,7 +163,9 @@ def _hxw(text: str | None) -> tuple[int, int] | None:
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--batch", default="1:1:4", show_default=True, help="Images per call MIN:OPT:MAX (CFG doubles it).")
 @click.option("--size", default=None, help="Image side MIN:OPT:MAX in pixels; default: half, one, two x native.")
-@click.option("--no-cfg", is_flag=True, help="Profiles for guidance 1 (no CFG doubling of the batch).")
+@click.option("--cfg/--no-cfg", "classifier_free", default=None,
+              help="Profiles for classifier-free guidance (the U-Net batch doubled) or without; default: as the masks "
+              "were searched (guidance above 1).")
 @click.option("--drop", is_flag=True, help="Skip what the masks remove (smaller, faster variants).")
 @click.option("--refit", is_flag=True, help="One refittable engine + one weight set per bucket (with --trt).")
 @click.option("--triton", is_flag=True, help="Also write a Triton model repository (triton/).")
@@ -172,23 +174,22 @@ def _hxw(text: str | None) -> tuple[int, int] | None:
 @click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level 0..5.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool, fp16: bool, opset: int, batch: str,
-           size: str | None, no_cfg: bool, drop: bool, refit: bool, triton: bool, workspace: float | None,
-           timing_cache: str | None, opt_level: int, force: bool) -> None:
+           size: str | None, classifier_free: bool | None, drop: bool, refit: bool, triton: bool,
+           workspace: float | None, timing_cache: str | None, opt_level: int, force: bool) -> None:
     """Bake each bucket into a U-Net variant: verified ONNX, TensorRT engines, Triton models, manifest.json."""
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from .export import ExportConfig, Range, check_options
+    from .export import ExportConfig, Range
     from .export import export as run_export
 
     cfg = ExportConfig(
         masks=Path(masks_path), out=Path(out), model=model, onnx=onnx_ or not trt, trt=trt, fp16=fp16, opset=opset,
-        batch=Range.parse(batch, "--batch"), size=Range.parse(size, "--size") if size else None, cfg=not no_cfg,
-        drop=drop, refit=refit, triton=triton, workspace_gb=workspace,
+        batch=Range.parse(batch, "--batch"), size=Range.parse(size, "--size") if size else None,
+        classifier_free=classifier_free, drop=drop, refit=refit, triton=triton, workspace_gb=workspace,
         timing_cache=Path(timing_cache) if timing_cache else None, optimization_level=opt_level, force=force,
     )
-    check_options(cfg)
     bar = None  # made when the first variant starts: errors and warnings of loading print on lines of their own
 
     def progress(done: int, total: int) -> None:
@@ -204,7 +205,9 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
             bar.close()
     kinds = [k for k, on in (("onnx", cfg.onnx), ("plan", trt)) if on]
     worst = max(v.verify["onnx"].max_abs for v in manifest.variants)
+    p = manifest.profile
     click.echo(f"{len(manifest.variants)} variants ({'+'.join(kinds)}, {manifest.precision}) in {out}; "
+               f"U-Net batch {p.batch.span()}, {p.height.min * p.vae_scale}..{p.height.max * p.vae_scale} px; "
                f"max abs error {worst:.2g}; manifest: {Path(out) / 'manifest.json'}"
                + (f"; Triton repository: {Path(out) / 'triton'}" if triton else ""))
 
@@ -217,26 +220,31 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
               help="Default: torch with --masks; onnxruntime with --export (tensorrt if it has only engines).")
 @click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the export's or mask file's, else"))
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=int, default=30, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True)
-@click.option("--size", default=None, help="Image size HxW in pixels (default: the pipeline's).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: as searched, else 30).")
+@click.option("--guidance", type=float, default=None, help="Guidance scale (default: as searched, else 7.5).")
+@click.option("--scheduler", default=None, help="Sampler name (ddim, dpm++, ...; default: as searched, else the pipeline's).")
+@click.option("--size", default=None, help="Image size HxW in pixels (default: as searched, else the pipeline's).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda for tensorrt, else cpu).")
 @click.option("--out", required=True, type=click.Path(), help="Image file to write (.png; .jpg and .webp work too).")
 def generate(prompt: str, masks_path: str | None, export_dir: str | None, backend: str | None, model: str | None,
-             seed: int, steps: int, guidance: float, size: str | None, device: str | None, out: str) -> None:
-    """Generate one image with the masked U-Net: PyTorch, or the exported variants switched by timestep."""
+             seed: int, steps: int | None, guidance: float | None, scheduler: str | None, size: str | None,
+             device: str | None, out: str) -> None:
+    """Generate one image with the masked U-Net: PyTorch, or the exported variants switched by timestep.
+
+    The sampler (steps, guidance, scheduler, size) defaults to the one the masks were searched with.
+    """
     from pathlib import Path
 
-    from .generate import GenerateConfig, resolve_backend
+    from .generate import GenerateConfig
     from .generate import generate as run_generate
 
     cfg = GenerateConfig(
         prompt=prompt, out=Path(out), masks=Path(masks_path) if masks_path else None,
         export_dir=Path(export_dir) if export_dir else None, backend=backend, model=model, seed=seed, steps=steps,
-        guidance=guidance, size=_hxw(size), device=device,
+        guidance=guidance, scheduler=scheduler, size=_hxw(size), device=device,
     )
-    path = run_generate(cfg)
-    click.echo(f"wrote {path} ({resolve_backend(cfg)} backend, seed {seed}, {steps} steps)")
+    done = run_generate(cfg)
+    click.echo(f"wrote {done.path} (seed {seed}; {done.describe()})")
 
 
 if __name__ == "__main__":

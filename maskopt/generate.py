@@ -1,7 +1,17 @@
 """`maskopt generate`: one image from a diffusers pipeline whose U-Net is the masked one.
 
-    generate(GenerateConfig(prompt="a cat", out=Path("cat.png"), masks=Path("masks.json")))              # torch
-    generate(GenerateConfig(prompt="a cat", out=Path("cat.png"), export_dir=Path("out"), backend="onnxruntime"))
+    >>> from pathlib import Path
+    >>> from maskopt import Buckets, MaskSet, find_units
+    >>> from maskopt.models import load_unet
+    >>> unet = load_unet("maskopt:default")
+    >>> _ = MaskSet.ones(unet, find_units(unet, "paper"), Buckets.uniform(4), source="maskopt:default").save("masks.json")
+    >>> done = generate(GenerateConfig(prompt="a handwritten 7", out=Path("7.png"), masks=Path("masks.json"), steps=15))
+    >>> done.path.name, done.backend, done.sampler.steps
+    ('7.png', 'torch', 15)
+
+With `export_dir=Path("export")` (a folder made by `maskopt export`) the exported variants run instead.
+The sampler defaults to the one the masks were searched with (the mask file's `sampler`); a setting
+that departs from it gets one warning line.
 
 Backends: `torch` runs the pipeline's own U-Net under `maskopt.apply` (weights switch per bucket);
 `onnxruntime` and `tensorrt` replace `pipe.unet` with a `RoutedUNet` that runs the exported variant of
@@ -23,6 +33,7 @@ from .buckets import Buckets, scalar_timestep
 from .config import check_size
 from .errors import MaskoptError
 from .paths import check_writable, make_folder
+from .sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +51,41 @@ class GenerateConfig:
     backend: str | None = None  # default: torch with --masks; with --export onnxruntime, or tensorrt if it has only engines
     model: str | None = None  # default: the export's/mask file's model, else the embedded default
     seed: int = 0
-    steps: int = 30
-    guidance: float = 7.5
-    size: tuple[int, int] | None = None  # (height, width) in pixels; default: the pipeline's
+    steps: int | None = None  # default: as searched (the mask file's sampler), else FALLBACK's
+    guidance: float | None = None  # default: as searched, else FALLBACK's
+    scheduler: str | None = None  # default: as searched, else the pipeline's own
+    size: tuple[int, int] | None = None  # (height, width) in pixels; default: as searched, else the pipeline's
     device: str | None = None  # default: cuda for tensorrt (and torch when present), else cpu
+
+
+# where a mask file records no sampler (made in Python, or by a maskopt that did not record it): SD's usual setting
+FALLBACK = Sampler(steps=30, guidance=7.5)
+
+
+@dataclass
+class Generated:
+    image: Any  # PIL image
+    backend: str
+    sampler: Sampler  # what ran
+    searched: Sampler  # what the masks were searched with (fields None: not recorded)
+    departures: list[str]  # the settings that differ from the searched ones, as warned
+    path: Path | None = None  # where `generate` saved the image
+
+    def describe(self) -> str:
+        """'torch backend, ddim, 15 steps, guidance 1, 32x32 as searched' (or what departs, or that none is recorded)."""
+        how = (f"departs from the search: {', '.join(self.departures)}" if self.departures else
+               "as searched" if self.searched.steps is not None else "the mask file records no sampler")
+        return f"{self.backend} backend, {self.sampler.describe()}; {how}"
+
+
+def sampling(config: GenerateConfig, searched: Sampler) -> Sampler:
+    """The sampler to run: each setting given in `config`, else the searched one, else FALLBACK's."""
+    pick = lambda given, was, fallback: given if given is not None else was if was is not None else fallback
+    return Sampler(scheduler=pick(config.scheduler, searched.scheduler, None),
+                   steps=pick(config.steps, searched.steps, FALLBACK.steps),
+                   guidance=pick(config.guidance, searched.guidance, FALLBACK.guidance),
+                   size=pick(config.size, searched.size, None), dtype=searched.dtype,
+                   prediction_type=searched.prediction_type)
 
 
 class RoutedUNet:
@@ -168,14 +210,15 @@ def _has_onnx(folder: Path) -> bool:
         return True  # let the full load report what is wrong
 
 
-def generate(config: GenerateConfig) -> Path:
+def generate(config: GenerateConfig) -> Generated:
     """Generate one image and save it to `config.out`."""
     out = Path(config.out)
     check_image_path(out)  # before the work, not after it
-    image = generate_image(config)
+    done = generate_image(config)
     make_folder(out.parent, "--out")
-    image.save(out)
-    return out
+    done.image.save(out)
+    done.path = out
+    return done
 
 
 def check_image_path(out: Path) -> None:
@@ -189,62 +232,68 @@ def check_image_path(out: Path) -> None:
     check_writable(out, "--out")
 
 
-def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None = None) -> Any:
-    """The PIL image; `on_pipe(pipe)` sees the pipeline before it runs (tests read `pipe.unet.history`)."""
-    from .export import resolve_model
+def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None = None) -> Generated:
+    """The image and how it was made; `on_pipe(pipe)` sees the pipeline before it runs (tests read `pipe.unet.history`)."""
     from .export.manifest import Manifest
     from .masking import apply
     from .maskset import MaskSet, fingerprint
-    from .models import check_device, load_pipeline
+    from .models import check_device, check_scheduler, load_pipeline, model_for, scheduler_name
 
     # 1. Check inputs
-    if config.steps < 1:
+    if config.steps is not None and config.steps < 1:
         raise MaskoptError(f"--steps must be at least 1, got {config.steps}")
     if config.size is not None:
         check_size(config.size)
+    if config.scheduler is not None:
+        check_scheduler(config.scheduler)
     backend = resolve_backend(config)
     manifest = Manifest.load(config.export_dir) if config.export_dir is not None else None
-    masks = None
-    if backend == "torch":
-        masks = MaskSet.load(config.masks if config.masks is not None else Path(config.export_dir) / "masks.json")
-    # 2. Pipeline, checked against what the masks/variants were made for
-    model = resolve_model(config.model, manifest.model if manifest else masks.source)
+    masks = MaskSet.load(config.masks if config.masks is not None else Path(config.export_dir) / "masks.json")
+    # 2. The sampler: as searched unless a flag says otherwise
+    sampler = sampling(config, masks.sampler)
+    departures = masks.sampler.warn_departures("generate samples", steps=sampler.steps, guidance=sampler.guidance,
+                                               scheduler=sampler.scheduler)
+    # 3. Pipeline, checked against what the masks/variants were made for
+    model = model_for(config.model, manifest.model if manifest else masks.source)
     device = config.device or ("cuda" if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()) else "cpu")
     check_device(device)
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, scheduler=sampler.scheduler)
     made_for = manifest.masks["fingerprint"] if manifest else masks.fingerprint
     if made_for and fingerprint(pipe.unet) != made_for:
         what = f"export {config.export_dir}" if manifest else f"mask file {config.masks}"
         raise MaskoptError(f"{what} was made for another U-Net (fingerprint {made_for[:12]}), "
-                           f"not {model or 'the embedded default'}'s ({fingerprint(pipe.unet)[:12]})")
-    buckets = masks.buckets if masks is not None else manifest.buckets
+                           f"not {model}'s ({fingerprint(pipe.unet)[:12]})")
+    buckets = masks.buckets if manifest is None else manifest.buckets
     if int(pipe.scheduler.config.num_train_timesteps) != buckets.num_train_timesteps:
         raise MaskoptError(f"the buckets cover {buckets.num_train_timesteps} training timesteps, "
                            f"the pipeline's scheduler has {pipe.scheduler.config.num_train_timesteps}")
-    height, width = config.size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    # 3. Engines accept only their profile's shapes: refuse before any work
-    cfg = config.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    height, width = sampler.size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    sampler = Sampler(scheduler=scheduler_name(pipe.scheduler), steps=sampler.steps, guidance=sampler.guidance,
+                      size=(height, width), dtype=sampler.dtype, prediction_type=sampler.prediction_type)
+    done = lambda image: Generated(image, backend, sampler, masks.sampler, departures)
+    # 4. Engines accept only their profile's shapes: refuse before any work
+    guided = sampler.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
     if backend == "tensorrt":
         scale = pipe.vae_scale_factor
         try:
-            manifest.profile.check(2 if cfg else 1, height // scale, width // scale)
+            manifest.profile.check(2 if guided else 1, height // scale, width // scale)
         except MaskoptError as e:
-            raise MaskoptError(f"--size {height}x{width} (guidance {config.guidance:g}): {e}") from None
-    # 4. Denoise
-    kwargs = dict(prompt=config.prompt, num_inference_steps=config.steps, guidance_scale=config.guidance,
+            raise MaskoptError(f"--size {height}x{width} (guidance {sampler.guidance:g}): {e}") from None
+    # 5. Denoise
+    kwargs = dict(prompt=config.prompt, num_inference_steps=sampler.steps, guidance_scale=sampler.guidance,
                   height=height, width=width, generator=torch.Generator(device="cpu").manual_seed(config.seed))
     if backend == "torch":
         with apply(pipe.unet, masks):
             if on_pipe:
                 on_pipe(pipe)
-            return pipe(**kwargs).images[0]
+            return done(pipe(**kwargs).images[0])
     variants = OrtVariants(manifest, config.export_dir) if backend == "onnxruntime" else TrtVariants(manifest, config.export_dir)
     try:
         profile = manifest.profile if backend == "tensorrt" else None
         pipe.unet = RoutedUNet(pipe.unet, manifest.buckets, variants, manifest.signature.xl, profile)
         if on_pipe:
             on_pipe(pipe)
-        return pipe(**kwargs).images[0]
+        return done(pipe(**kwargs).images[0])
     finally:
         if hasattr(variants, "close"):
             variants.close()

@@ -32,7 +32,7 @@ def test_torch_and_onnxruntime_agree(kind):
         images[backend] = generate_image(
             GenerateConfig(prompt="a red cat", out=workspace() / "unused.png", export_dir=out, backend=backend, steps=STEPS),
             on_pipe=lambda pipe: seen.setdefault(backend, pipe.unet),
-        )
+        ).image
     assert psnr(images["torch"], images["onnxruntime"]) >= 40
     assert np.asarray(images["torch"]).std() > 1  # a real image, not a constant
     # the exported variants were used from the noisiest bucket to the cleanest, switching by timestep
