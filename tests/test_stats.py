@@ -20,3 +20,15 @@ def test_clear_gain_and_no_difference():
 def test_rejects_unpaired():
     with pytest.raises(ValueError, match="equal-length"):
         paired([1, 2], [1])
+
+
+def test_bca_is_the_interval_and_percentile_stays_available():
+    """BCa (scipy) by default; on skewed differences it is shifted towards the long tail, unlike the percentile one."""
+    rng = np.random.default_rng(1)
+    d = rng.exponential(0.05, 80) - 0.02  # skewed like held-out reward gains: many small, a few large
+    bca, pct = paired(np.zeros(80), d), paired(np.zeros(80), d, method="percentile")
+    assert bca.diff == pct.diff and bca.ci_low > pct.ci_low and bca.ci_high > pct.ci_high
+    same = paired([0.5, 0.6, 0.7], [0.6, 0.7, 0.8])  # equal differences up to float rounding: no NaN
+    assert abs(same.ci_low - 0.1) < 1e-9 and abs(same.ci_high - 0.1) < 1e-9
+    with pytest.raises(ValueError, match="unknown method"):
+        paired([1.0], [2.0], method="normal")
