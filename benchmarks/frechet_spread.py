@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     cfg = resolve(None)  # the embedded default's recipe: its sampler settings
-    pipe = load_pipeline(None, scheduler=cfg.scheduler)
+    pipe = load_pipeline(cfg.model, scheduler=cfg.scheduler)
     prompts = read_prompts(HOLDOUT_PROMPTS_PATH)
     masks = [MaskSet.load(p, unet=pipe.unet) for p in args.masks]
     rows = [("baseline", masks[0], np.ones_like(masks[0].values))] + [(p, m, m.values) for p, m in zip(args.masks, masks)]

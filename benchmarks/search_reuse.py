@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from maskopt.config import SearchConfig, resolve
+from maskopt.config import SearchConfig, complete, resolve
 from maskopt.evaluate import Evaluator, TrajectoryCache
 from maskopt.journal import read
 from maskopt.rewards import load_reward
@@ -49,8 +49,8 @@ def evaluators(cfg: SearchConfig, header: dict | None = None) -> Callable[[Traje
     if header is not None:
         assert [u.to_dict() for u in template.units] == header["units"], "the journal is for other units"
         assert template.buckets.to_list() == header["buckets"], "the journal is for other buckets"
-    reward = load_reward(inputs["reward"], cfg.device)
-    return lambda cache: Evaluator(pipe, reward, template, inputs["prompts"], range(cfg.seeds), cfg.steps,
+    reward = load_reward(cfg.reward, cfg.device)
+    return lambda cache: Evaluator(pipe, reward, template, inputs.prompts, range(cfg.seeds), cfg.steps,
                                    cfg.guidance, cfg.size, cache, cfg.batch_size)
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--space", default=None)
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--strategy", default=None)
-    ap.add_argument("--device", default=None, help="cpu (2 threads, as the README's figures) or cuda")
+    ap.add_argument("--device", default=None, help="cpu (2 threads, as docs/benchmarks.md's figures) or cuda")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device in (None, "cpu"):
@@ -71,7 +71,7 @@ def main() -> None:
 
     journal = args.journal or search_journal(args)
     header, entries, _ = read(journal)
-    cfg = SearchConfig.from_dict(header["config"])
+    cfg = complete(SearchConfig.from_dict(header["config"]))  # a journal of an older maskopt left defaults unfilled
     if args.device is not None:
         cfg = dataclasses.replace(cfg, device=args.device)
     make = evaluators(cfg, header)

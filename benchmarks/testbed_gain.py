@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--strategy", default=None, help="joint (default) or sweep")
     ap.add_argument("--workers", type=int, default=None, help="candidates evaluated together")
-    ap.add_argument("--device", default=None, help="cpu (2 threads, as the README's figures) or cuda")
+    ap.add_argument("--device", default=None, help="cpu (2 threads, as docs/benchmarks.md's figures) or cuda")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device in (None, "cpu"):

@@ -1,10 +1,13 @@
 """maskopt: training-free, timestep-specialised masks for diffusion U-Nets.
 
-    units = maskopt.find_units(pipe.unet, "paper")
-    masks = maskopt.MaskSet.ones(pipe.unet, units, buckets=maskopt.Buckets.uniform(4))
-    with maskopt.apply(pipe.unet, masks):
-        image = pipe(prompt).images[0]
-    variant = maskopt.bake(pipe.unet, masks, bucket=0, drop=True)
+    >>> import maskopt
+    >>> from maskopt.models import load_pipeline
+    >>> pipe = load_pipeline("maskopt:default")          # or any diffusers pipeline with a U-Net
+    >>> units = maskopt.find_units(pipe.unet, "paper")
+    >>> masks = maskopt.MaskSet.ones(pipe.unet, units, buckets=maskopt.Buckets.uniform(4))
+    >>> with maskopt.apply(pipe.unet, masks):
+    ...     image = pipe("a handwritten 7", num_inference_steps=4).images[0]
+    >>> variant = maskopt.bake(pipe.unet, masks, bucket=0, drop=True)
 """
 
 __version__ = "0.1.0"

@@ -49,9 +49,15 @@ class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
     otherwise), no layer is computed twice, and on exit, also after an exception, every parameter is
     restored bit for bit from the copy taken on entry.
 
-        with maskopt.apply(pipe.unet, masks) as state:
-            pipe(prompt)
-        state.loads   # how many times weights were rewritten
+        >>> from maskopt import Buckets, MaskSet, find_units
+        >>> from maskopt.models import load_pipeline
+        >>> pipe = load_pipeline("maskopt:default")
+        >>> masks = MaskSet.ones(pipe.unet, find_units(pipe.unet, "paper"), Buckets.uniform(4))
+        >>> masks = masks.with_values(masks.values * 0.9)
+        >>> with apply(pipe.unet, masks) as state:
+        ...     _ = pipe("a handwritten 7", num_inference_steps=8)
+        >>> state.loads   # weights were rewritten once per bucket the sampler visited
+        4
     """
 
     def __init__(self, unet: nn.Module, masks: MaskSet, check: bool = True) -> None:

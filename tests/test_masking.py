@@ -182,8 +182,8 @@ def test_drop_whole_blocks(unet):
 
 
 def test_bias_stand_ins_stay_on_the_layers_device():
-    # A bias-free layer's stand-in used to make its zeros on the CPU: a dropped U-Net on CUDA then failed
-    # in attention (found by benchmarks/gpu_unet.py). The meta device stands in for a second device here.
+    # A bias-free layer's stand-in must make its zeros on the layer's device: zeros made on the CPU fail a
+    # dropped U-Net on CUDA in attention. The meta device stands in for a second device here.
     from maskopt.drop import Conv2dBias, LinearBias
 
     linear = LinearBias(torch.nn.Linear(4, 3, bias=False, device="meta", dtype=torch.float16))

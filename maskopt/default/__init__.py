@@ -4,14 +4,17 @@ Everything here ships inside the package, so the whole loop runs on a laptop wit
 access. All of it is trained from scratch on scikit-learn's handwritten digits by
 ``scripts/train_default.py`` (fixed seeds; settings and measured numbers in its docstring):
 
-    from diffusers import DiffusionPipeline
-    from maskopt.default import PIPELINE_DIR, PROMPTS_PATH
-    from maskopt.default.reward import DigitReward
-
-    pipe = DiffusionPipeline.from_pretrained(PIPELINE_DIR)   # a StableDiffusionPipeline, 32x32
-    prompts = PROMPTS_PATH.read_text().splitlines()
-    images = pipe(prompts[:4], num_inference_steps=15, output_type="pt").images  # (4, 3, 32, 32)
-    scores = DigitReward()(images, prompts[:4])               # P(prompted digit), (4,)
+    >>> from diffusers import DiffusionPipeline
+    >>> from maskopt.default import PIPELINE_DIR, PROMPTS_PATH
+    >>> from maskopt.default.reward import DigitReward
+    >>> pipe = DiffusionPipeline.from_pretrained(PIPELINE_DIR)   # a StableDiffusionPipeline, 32x32
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> prompts = PROMPTS_PATH.read_text().splitlines()
+    >>> images = pipe(prompts[:4], num_inference_steps=15, guidance_scale=1.0, output_type="pt").images
+    >>> images.shape
+    torch.Size([4, 3, 32, 32])
+    >>> DigitReward()(images, prompts[:4]).shape               # P(prompted digit) per image
+    torch.Size([4])
 
 - ``PIPELINE_DIR``: a ``StableDiffusionPipeline`` saved with ``save_pretrained`` (AutoencoderKL
   32x32x3 <-> 8x8x4, a 2-layer CLIPTextModel with a word-level CLIPTokenizer, a

@@ -1,9 +1,8 @@
 """LAION aesthetic predictor v2 (improved-aesthetic-predictor): an MLP on CLIP ViT-L/14 image embeddings.
 
-    reward = load_reward("aesthetic")                  # sac+logos+ava1-l14-linearMSE.pth on ViT-L/14
-    reward = load_reward("aesthetic@/models/mlp.pth")  # another head, still on openai/clip-vit-large-patch14
-    reward = load_reward("aesthetic@/models/aes")      # a directory: its one .pth/.pt, plus its own
-                                                       # CLIPModel when it holds a config.json
+Specs: `aesthetic` (sac+logos+ava1-l14-linearMSE.pth on ViT-L/14), `aesthetic@/models/mlp.pth` (another
+head, still on openai/clip-vit-large-patch14), `aesthetic@/models/aes` (a directory: its one .pth/.pt,
+plus its own CLIPModel when it holds a config.json).
 
 Score: MLP(e / |e|) with e the CLIP image embedding (visual projection output, what OpenAI clip's
 encode_image returns); roughly 1-10, higher is prettier. The prompt is ignored.

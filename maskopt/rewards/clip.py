@@ -1,9 +1,7 @@
 """CLIP score, and the CLIP loading and preprocessing that pickscore, hpsv2 and aesthetic share.
 
-    from maskopt.rewards import load_reward
-    reward = load_reward("clip")                    # openai/clip-vit-large-patch14 from the hub
-    reward = load_reward("clip@/models/my-clip")    # any directory a CLIPModel was save_pretrained to
-    scores = reward(images, prompts)                # (B,) = 100 * cos(image embedding, text embedding)
+Specs: `clip` (openai/clip-vit-large-patch14 from the hub), `clip@/models/my-clip` (any directory a
+CLIPModel was save_pretrained to); `load_reward(spec)(images, prompts)` scores as every reward does.
 
 Score: 100 * cosine similarity, the usual "CLIP score" of text-to-image papers (torchmetrics'
 CLIPScore also clamps it at 0; we do not, so poor images still rank among themselves). The factor

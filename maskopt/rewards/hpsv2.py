@@ -1,10 +1,8 @@
 """HPSv2.1 (Wu et al. 2023): an open_clip ViT-H-14 fine-tuned on human preferences, run in transformers.
 
-    reward = load_reward("hpsv2")                                 # xswu/HPSv2, HPS_v2.1_compressed.pt
-    reward = load_reward("hpsv2@/models/HPS_v2.1_compressed.pt")  # a local checkpoint
-    reward = load_reward("hpsv2@xswu/HPSv2/HPS_v2_compressed.pt") # another file of a hub repo (v2.0)
-    reward = load_reward("hpsv2@/models/hps")                     # a directory: its one .pt, plus its
-                                                                  # config.json/tokenizer when present
+Specs: `hpsv2` (xswu/HPSv2, HPS_v2.1_compressed.pt), `hpsv2@/models/HPS_v2.1_compressed.pt` (a local
+checkpoint), `hpsv2@xswu/HPSv2/HPS_v2_compressed.pt` (another file of a hub repo: v2.0),
+`hpsv2@/models/hps` (a directory: its one .pt, plus its config.json/tokenizer when present).
 
 Score: cos(image embedding, text embedding), exactly what hpsv2.score() returns (about 0.2-0.35;
 HPSv2's benchmark tables print 100x this). Images are fitted as HPSv2 does at inference

@@ -1,8 +1,7 @@
 """ImageReward (Xu et al. 2023), through the image-reward package (an optional extra).
 
-    pip install image-reward          # or: pip install 'maskopt[imagereward]'
-    reward = load_reward("imagereward")                      # ImageReward-v1.0
-    reward = load_reward("imagereward@/models/ImageReward.pt")
+Install it with `pip install image-reward` (or `pip install 'maskopt[imagereward]'`). Specs:
+`imagereward` (ImageReward-v1.0), `imagereward@/models/ImageReward.pt`.
 
 Source: a name the package knows ("ImageReward-v1.0") or a local checkpoint, passed to
 ImageReward.load as is. Score: the package's reward, (MLP(BLIP text-image [CLS]) - mean) / std,

@@ -1,7 +1,7 @@
 """PickScore (Kirstain et al. 2023): a CLIP ViT-H-14 fine-tuned on Pick-a-Pic preferences.
 
-    reward = load_reward("pickscore")                   # yuvalkirstain/PickScore_v1
-    reward = load_reward("pickscore@/models/pickscore") # a saved CLIPModel directory
+Specs: `pickscore` (yuvalkirstain/PickScore_v1), `pickscore@/models/pickscore` (a saved CLIPModel
+directory).
 
 Score: logit_scale.exp() * cos(image embedding, text embedding), as in PickScore's README
 (logit_scale.exp() is about 100 for PickScore_v1, so scores land near 20).

@@ -1,10 +1,16 @@
 """A reward written as a plain Python function: ``python:module:function``.
 
-    # my_rewards.py
-    def brightness(images, prompts):          # images (b, 3, H, W) in [0, 1], prompts b strings
-        return images.mean(dim=(1, 2, 3))     # b scores: a tensor, a numpy array or a list
-
-    reward = load_reward("python:my_rewards:brightness")
+    >>> import sys, torch
+    >>> from pathlib import Path
+    >>> from maskopt.rewards import load_reward
+    >>> _ = Path("my_rewards.py").write_text('''
+    ... def brightness(images, prompts):       # images (b, 3, H, W) in [0, 1], prompts: b strings
+    ...     return images.mean(dim=(1, 2, 3))  # b scores: a tensor, a numpy array or a list
+    ... ''')
+    >>> sys.path.insert(0, str(Path.cwd()))    # the module must be importable
+    >>> reward = load_reward("python:my_rewards:brightness")   # --reward python:my_rewards:brightness
+    >>> reward(torch.full((2, 3, 8, 8), 0.25), ["a cat", "a dog"])
+    tensor([0.2500, 0.2500])
 
 The module must be importable (on sys.path). The function sees slices of at most batch_size
 images; whatever it returns is converted to a float32 CPU tensor and must hold one score per image.
