@@ -71,9 +71,9 @@ def test_names_are_listed():
     ("python:reward_fns", "write it as python:module:function"),
     ("python:no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
     ("python:reward_fns:nope", "has no function 'nope'"),
-    ("hpsv2@./no/such/file.pt", "no such file or directory: ./no/such/file.pt"),
-    ("clip@/no/such/clip", "no such file or directory: /no/such/clip"),
-    ("aesthetic@models/head.pth", "no such file or directory: models/head.pth"),
+    ("hpsv2@./no/such/file.pt", "checkpoint './no/such/file.pt' is not a path that exists, nor a hub id"),
+    ("clip@/no/such/clip", "CLIP model '/no/such/clip' is not a path that exists, nor a hub id 'org/name'"),
+    ("aesthetic@models/head.pth", "checkpoint 'models/head.pth' is not a path that exists, nor a hub id"),
 ])
 def test_bad_specs_are_rejected_in_one_line(spec, message):
     with pytest.raises(ValueError) as err:
@@ -264,7 +264,7 @@ def test_checkpoint_sources_resolve_like_hub_ids(tmp_path, monkeypatch):
     (tmp_path / "b.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"exactly one .pt/.pth checkpoint, found \['a.pt', 'b.pth'\]"):
         base.resolve_checkpoint(str(tmp_path), "o/n/f.pt")
-    with pytest.raises(ValueError, match="no such file or directory: models/mlp.pth"):
+    with pytest.raises(ValueError, match="checkpoint 'models/mlp.pth' is not a path that exists"):
         base.resolve_checkpoint("models/mlp.pth", "o/n/f.pt")
 
 

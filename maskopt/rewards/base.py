@@ -8,11 +8,13 @@ higher is better. ``Reward`` below writes that down for type checkers; nothing s
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch
 
 from ..errors import MaskoptError
+from ..sources import local_or_hub
 
 
 class Reward(Protocol):
@@ -55,17 +57,6 @@ def batched(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def check_local(source: str, suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".safetensors")) -> None:
-    """Raise MaskoptError if source is spelled like a local path ("/x", "./x", "~/x", "dir/file.pt") but is missing.
-
-    Sent to the hub instead, such a typo would only come back as a confusing "repository not found".
-    """
-    if os.path.exists(os.path.expanduser(source)):
-        return
-    if source.startswith((".", "/", "~")) or (source.count("/") == 1 and source.endswith(suffixes)):
-        raise MaskoptError(f"no such file or directory: {source}")
-
-
 def resolve_checkpoint(source: str | None, default: str, suffixes: tuple[str, ...] = (".pt", ".pth")) -> str:
     """Local path of a single-file checkpoint (a .pt/.pth state dict).
 
@@ -75,28 +66,23 @@ def resolve_checkpoint(source: str | None, default: str, suffixes: tuple[str, ..
     - an existing directory: the one file in it ending in one of ``suffixes``;
     - "org/name/path/in/repo.pt": that file of that hub repo (``hf_hub_download``);
     - "org/name": that hub repo, with the file name of ``default``.
+    Anything else (a local path that does not exist) is refused by `sources.local_or_hub`.
     """
-    if source is None:
-        source = default
-    expanded = os.path.expanduser(source)
-    if os.path.isfile(expanded):
-        return expanded
-    if os.path.isdir(expanded):
-        found = sorted(f for f in os.listdir(expanded) if f.endswith(suffixes))
+    where = local_or_hub(default if source is None else source, "checkpoint", files=True)
+    if isinstance(where, Path):
+        if where.is_file():
+            return str(where)
+        found = sorted(f for f in os.listdir(where) if f.endswith(suffixes))
         if len(found) != 1:
             raise MaskoptError(
                 f"directory {source} must hold exactly one {'/'.join(suffixes)} checkpoint, found {found or 'none'}"
             )
-        return os.path.join(expanded, found[0])
-    parts = source.split("/")
-    check_local(source, suffixes)
-    if len(parts) < 2 or not all(parts):
-        raise MaskoptError(f"'{source}' is neither an existing path nor a hub id 'org/name[/file]'")
-    repo = "/".join(parts[:2])
+        return str(where / found[0])
+    parts = where.split("/")
     filename = "/".join(parts[2:]) or default.split("/", 2)[2]
     from huggingface_hub import hf_hub_download  # lazy: importing maskopt.rewards stays cheap
 
-    return hf_hub_download(repo, filename)
+    return hf_hub_download("/".join(parts[:2]), filename)
 
 
 def optional_file(source: str, filename: str) -> str | None:

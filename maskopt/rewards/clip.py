@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .base import batched, check_local, optional_file, reward_name
+from ..sources import local_or_hub
+from .base import batched, optional_file, reward_name
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
@@ -106,8 +107,7 @@ def load_model(source: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     """transformers' CLIPModel.from_pretrained(source): a hub id or a save_pretrained directory."""
     from transformers import CLIPModel
 
-    check_local(source)
-    model = CLIPModel.from_pretrained(source)
+    model = CLIPModel.from_pretrained(str(local_or_hub(source, "CLIP model")))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
