@@ -23,7 +23,7 @@ from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward
 from maskopt.evaluate import Evaluator
 from maskopt.maskset import MaskSet
-from maskopt.models import load_pipeline
+from maskopt.models import load_pipeline, model_for
 from maskopt.prompts import read_prompts
 from maskopt.stats import METHODS, interval
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     masks = MaskSet.load(args.masks)
     s = masks.sampler
-    pipe = load_pipeline(masks.source, scheduler=s.scheduler)
+    pipe = load_pipeline(model_for(None, masks.source), scheduler=s.scheduler)
     ev = Evaluator(pipe, DigitReward(), masks, read_prompts(HOLDOUT_PROMPTS_PATH), range(1000, 1000 + args.seeds),
                    s.steps or 15, s.guidance if s.guidance is not None else 1.0, s.size)
     d = np.asarray(ev(masks.values).rewards) - np.asarray(ev(np.ones_like(masks.values)).rewards)

@@ -14,7 +14,8 @@ import click
 from .config import STRATEGIES
 from .errors import MaskoptError
 
-MODEL_HELP = "Hub id or local folder of a diffusers pipeline (or U-Net); default: the embedded digits pipeline."
+MODEL_HELP = ("Hub id or local folder of a diffusers pipeline (or U-Net), or maskopt:default; default: maskopt:default, "
+              "the embedded digits pipeline.")
 
 
 class _UsageError(click.ClickException):
@@ -58,9 +59,12 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
     from .models import load_unet
     from .units import PRESETS, find_units, masked_params
 
+    from .models import EMBEDDED
+
+    model = model or EMBEDDED
     unet = load_unet(model)
     total = sum(p.numel() for p in unet.parameters())
-    click.echo(f"U-Net {unet.config._name_or_path or model}: {total / 1e6:.2f}M parameters")
+    click.echo(f"U-Net {model}: {total / 1e6:.2f}M parameters")
     selections = [(t, [t]) for t in targets] if targets else [(p, [p]) for p in PRESETS]
     for label, tgt in selections:
         units = find_units(unet, tgt, groups=groups)

@@ -209,16 +209,11 @@ def resolve(recipe: str | None = None, **flags: Any) -> SearchConfig:
     cfg = SearchConfig(**values)
     if flags.get("gate_range") is not None and cfg.space != "gates":  # a recipe may carry it for --space gates
         logger.warning("--gate-range bounds the gates space only; with --space %s it is not used", cfg.space)
-    if cfg.out is None:
-        if cfg.resume:
-            raise MaskoptError("--resume needs --out: the folder of the search to continue")
-        cfg.out = time.strftime("runs/search-%Y%m%d-%H%M%S")
-    cfg.validate()
     return complete(cfg)
 
 
 def complete(cfg: SearchConfig) -> SearchConfig:
-    """`cfg` with every setting left None filled with its default; a complete config comes back equal.
+    """`cfg`, checked, with every setting left None filled with its default; a complete config comes back equal.
 
     The pipeline's own sampler and image size are read from its config files (no weights are loaded).
     """
@@ -226,8 +221,13 @@ def complete(cfg: SearchConfig) -> SearchConfig:
     from .models import check_scheduler, pipeline_info
     from .space import default_optimizer
 
+    cfg.validate()
     embedded = cfg.model == EMBEDDED
     fill: dict[str, Any] = {}
+    if cfg.out is None:
+        if cfg.resume:
+            raise MaskoptError("--resume needs --out: the folder of the search to continue")
+        fill["out"] = time.strftime("runs/search-%Y%m%d-%H%M%S")
     if cfg.prompts is None:
         if not embedded:
             raise MaskoptError("--prompts is required with --model (the shipped prompts are for the embedded digits model)")

@@ -146,10 +146,11 @@ def load_model(cfg: SearchConfig) -> tuple[Any, MaskSet]:
 
 
 def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:
-    """Run the search `cfg` describes (a resolved config: `config.resolve`) into `cfg.out`."""
+    """Run the search `cfg` describes into `cfg.out` (defaults left None are filled: `config.complete`)."""
     from .rewards import load_reward
 
     # 1. Check inputs (cheap) before loading anything heavy.
+    cfg = complete(cfg)
     inputs = prepare(cfg)
     out = inputs.out
     try:

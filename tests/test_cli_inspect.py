@@ -69,3 +69,9 @@ def test_an_unreachable_hub_is_told_by_exception_type_not_message():
     assert unreachable(chained(OSError("x"), ConnectionError("reset by peer")))
     assert not unreachable(chained(OSError("connection offline not fully cached"), ValueError("bad repo id")))
     assert not unreachable(OSError("401 Client Error: Repository Not Found"))
+
+
+def test_inspect_without_a_model_lists_the_embedded_default():
+    r = CliRunner().invoke(main, ["inspect", "--targets", "paper"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == "U-Net maskopt:default: 1.47M parameters" and "paper: 32 units" in r.output
