@@ -258,7 +258,9 @@ def test_checkpoint_sources_resolve_like_hub_ids(tmp_path, monkeypatch):
     base.resolve_checkpoint(None, hpsv2.DEFAULT_CHECKPOINT)
     base.resolve_checkpoint("xswu/HPSv2", hpsv2.DEFAULT_CHECKPOINT)
     base.resolve_checkpoint("xswu/HPSv2/HPS_v2_compressed.pt", hpsv2.DEFAULT_CHECKPOINT)
-    assert calls == [("xswu/HPSv2", "HPS_v2.1_compressed.pt")] * 2 + [("xswu/HPSv2", "HPS_v2_compressed.pt")]
+    base.resolve_checkpoint(None, aesthetic.DEFAULT_MLP)  # a file name with '+' in it
+    assert calls == [("xswu/HPSv2", "HPS_v2.1_compressed.pt")] * 2 + [("xswu/HPSv2", "HPS_v2_compressed.pt")] + \
+        [("camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth")]
     (tmp_path / "a.pt").write_bytes(b"")
     assert base.resolve_checkpoint(str(tmp_path), "o/n/f.pt") == str(tmp_path / "a.pt")
     (tmp_path / "b.pth").write_bytes(b"")

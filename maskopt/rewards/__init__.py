@@ -110,14 +110,18 @@ def check_spec(spec: str) -> list[tuple[str, float]]:
 
 
 def check(spec: str, prompts: Sequence[str], where: str = "prompts") -> None:
-    """Everything about a spec that can fail before a model loads: its names, the modules and functions of
-    its python: terms (imported), and the prompts of every reward that reads them (`check_prompts`;
-    its error is prefixed with `where`)."""
+    """Everything about a spec that can fail before a model loads: its names, its sources (a local path that
+    exists, or a hub id), the modules and functions of its python: terms (imported), and the prompts of
+    every reward that reads them (`check_prompts`; its error is prefixed with `where`)."""
+    from ..sources import local_or_hub
+
     for term, _ in check_spec(spec):
-        name, _ = _parse_term(term)
+        name, source = _parse_term(term)
         if name.startswith(PYTHON_PREFIX):
             load_python(name)
             continue
+        if source is not None:
+            local_or_hub(source, f"reward {name}'s source", files=True)
         check_prompts = getattr(importlib.import_module(REWARDS[name]), "check_prompts", None)
         if check_prompts is not None:
             try:
