@@ -207,7 +207,8 @@ class MaskSet:
             if d["format"] == FORMAT_1:  # a search wrote its settings into the provenance
                 sampler = Sampler.from_search_config(provenance.get("config"))
             else:
-                sampler = Sampler.from_dict(d.get("sampler") or {}, where="sampler")
+                raw = d.get("sampler")
+                sampler = Sampler() if raw is None else Sampler.from_dict(raw)
             return cls(
                 units=units,
                 buckets=buckets,

@@ -8,13 +8,14 @@ commands take their defaults from it, and a flag that departs from it gets one w
     ...                    prediction_type="epsilon")
     >>> searched.departures(steps=30, guidance=1.0, scheduler="ddim")
     ['steps 30 (searched: 15)']
-    >>> searched.classifier_free
+    >>> classifier_free(searched.guidance)      # guidance 1: no unconditional half in the U-Net batch
     False
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -22,8 +23,9 @@ from .errors import MaskoptError
 
 logger = logging.getLogger(__name__)
 
-# what a departure warning compares: steps, guidance and the sampler change what the masks see at each step
-COMPARED = ("scheduler", "steps", "guidance")
+# what a departure warning compares: each changes what the masks see at each step
+COMPARED = ("scheduler", "steps", "guidance", "size", "prediction_type")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -38,23 +40,33 @@ class Sampler:
     prediction_type: str | None = None  # the scheduler's: epsilon, v_prediction, sample
 
     def __post_init__(self) -> None:
-        if self.size is not None:
-            object.__setattr__(self, "size", tuple(int(x) for x in self.size))
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+        # every field checked, so a hand-edited mask file fails in one line when it loads, not mid-sampling
+        for name in ("scheduler", "dtype", "prediction_type"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise MaskoptError(f"sampler {name} must be a name, got {value!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise MaskoptError(f"sampler dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
             raise MaskoptError(f"sampler steps must be a positive integer, got {self.steps!r}")
         if self.guidance is not None:
+            if not _is_number(self.guidance) or not math.isfinite(self.guidance) or self.guidance < 0:
+                raise MaskoptError(f"sampler guidance must be a number of 0 or more, got {self.guidance!r}")
             object.__setattr__(self, "guidance", float(self.guidance))
-
-    @property
-    def classifier_free(self) -> bool | None:
-        """Whether the pipeline runs classifier-free guidance (a U-Net batch of two halves); None: unknown."""
-        return None if self.guidance is None else self.guidance > 1.0
+        if self.size is not None:
+            size = self.size
+            if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(x) and x >= 8 and x % 8 == 0
+                                                                              for x in size):
+                raise MaskoptError(f"sampler size must be [height, width], positive multiples of 8, got {size!r}")
+            object.__setattr__(self, "size", (int(size[0]), int(size[1])))
 
     def departures(self, **used: Any) -> list[str]:
-        """'steps 30 (searched: 15)' for each of scheduler, steps and guidance that differs from the searched one."""
+        """'steps 30 (searched: 15)' for each setting of COMPARED that differs from the searched one."""
         out = []
         for name in COMPARED:
             searched, now = getattr(self, name), used.get(name)
+            if name == "size" and now is not None:
+                now = tuple(now)
             if searched is not None and now is not None and now != searched:
                 out.append(f"{name} {_show(now)} (searched: {_show(searched)})")
         return out
@@ -72,16 +84,14 @@ class Sampler:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "sampler") -> "Sampler":
+    def from_dict(cls, d: Any) -> "Sampler":
+        """A mask file's `sampler` object; MaskoptError naming what is wrong with it."""
         if not isinstance(d, dict):
-            raise MaskoptError(f"{where}: expected an object of {', '.join(f.name for f in fields(cls))}")
+            raise MaskoptError(f"sampler must be an object of {', '.join(f.name for f in fields(cls))}, or null")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise MaskoptError(f"{where}: unknown key {unknown[0]!r}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise MaskoptError(f"{where}: {e}") from None
+            raise MaskoptError(f"sampler has an unknown key {unknown[0]!r}")
+        return cls(**d)
 
     @classmethod
     def from_search_config(cls, config: Any) -> "Sampler":
@@ -102,5 +112,22 @@ class Sampler:
         return ", ".join(p for p in parts if p) or "not recorded"
 
 
+def classifier_free(guidance: float, unet_config: Any = None) -> bool:
+    """diffusers' rule for its SD pipelines: guidance above 1 runs the conditional and the unconditional half
+    in one U-Net call (the batch doubled), unless the U-Net takes the guidance as an embedding (LCM-style,
+    `time_cond_proj_dim`). The one place generate and export decide it."""
+    return guidance > 1.0 and getattr(unet_config, "time_cond_proj_dim", None) is None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -54,9 +54,16 @@ def _write(tmp_path, masks, **change):
     (dict(units=lambda d: d["units"][:-1] + [{"name": "up_blocks.7.nope", "kind": "weight"}]), "unit 'up_blocks.7.nope' does not exist"),
     (dict(units=lambda d: d["units"][:-1] + [{"name": "x", "kind": "mystery"}]), "kind 'mystery' is not one of"),
     (dict(fingerprint="0" * 64), "masks were made for U-Net .* not for this one"),
-    (dict(sampler={"steps": 0}), "sampler: sampler steps must be a positive integer, got 0"),
-    (dict(sampler={"stepz": 15}), "sampler: unknown key 'stepz'"),
-    (dict(sampler=[15]), "sampler: expected an object of scheduler, steps, guidance"),
+    (dict(sampler={"steps": 0}), ": sampler steps must be a positive integer, got 0"),
+    (dict(sampler={"steps": True}), ": sampler steps must be a positive integer, got True"),
+    (dict(sampler={"size": [32, 32, 32]}), ": sampler size must be \\[height, width\\], positive multiples of 8"),
+    (dict(sampler={"size": [7, 7]}), ": sampler size must be"),
+    (dict(sampler={"scheduler": 5}), ": sampler scheduler must be a name, got 5"),
+    (dict(sampler={"guidance": "high"}), ": sampler guidance must be a number"),
+    (dict(sampler={"dtype": "float8"}), ": sampler dtype 'float8' is not one of"),
+    (dict(sampler={"stepz": 15}), ": sampler has an unknown key 'stepz'"),
+    (dict(sampler=[15]), ": sampler must be an object of scheduler, steps, guidance"),
+    (dict(sampler=[]), ": sampler must be an object of"),
 ])
 def test_invalid_files_rejected(tmp_path, unet, masks, change, message):
     path = _write(tmp_path, masks, **change)
