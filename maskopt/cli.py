@@ -1,7 +1,7 @@
 """The `maskopt` command: thin click wrappers, each parsing options and calling one library function.
 
     maskopt inspect                              # units of the embedded default's U-Net
-    maskopt inspect --model runwayml/stable-diffusion-v1-5 --targets paper
+    maskopt inspect --model stable-diffusion-v1-5/stable-diffusion-v1-5 --targets paper
 """
 
 from __future__ import annotations
@@ -56,10 +56,8 @@ def _block_of(name: str) -> str:
 @click.option("--list", "list_units", is_flag=True, help="Also list every unit by name.")
 def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, list_units: bool) -> None:
     """List the maskable units of a pipeline's U-Net, grouped by block, with parameter counts."""
-    from .models import load_unet
+    from .models import EMBEDDED, load_unet
     from .units import PRESETS, find_units, masked_params
-
-    from .models import EMBEDDED
 
     model = model or EMBEDDED
     unet = load_unet(model)
@@ -167,7 +165,7 @@ def _hxw(text: str | None) -> tuple[int, int] | None:
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--batch", default="1:1:4", show_default=True, help="Images per call MIN:OPT:MAX (CFG doubles it).")
 @click.option("--size", default=None, help="Image side MIN:OPT:MAX in pixels; default: half, one, two x native.")
-@click.option("--cfg/--no-cfg", "classifier_free", default=None,
+@click.option("--classifier-free/--no-classifier-free", "classifier_free", default=None,
               help="Profiles for classifier-free guidance (the U-Net batch doubled) or without; default: as the masks "
               "were searched (guidance above 1).")
 @click.option("--drop", is_flag=True, help="Skip what the masks remove (smaller, faster variants).")
@@ -209,9 +207,10 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
             bar.close()
     kinds = [k for k, on in (("onnx", cfg.onnx), ("plan", trt)) if on]
     worst = max(v.verify["onnx"].max_abs for v in manifest.variants)
-    p = manifest.profile
+    p, s = manifest.profile, manifest.profile.vae_scale
     click.echo(f"{len(manifest.variants)} variants ({'+'.join(kinds)}, {manifest.precision}) in {out}; "
-               f"U-Net batch {p.batch.span()}, {p.height.min * p.vae_scale}..{p.height.max * p.vae_scale} px; "
+               f"U-Net batch {p.batch.span()}, images {p.height.min * s}x{p.width.min * s} to "
+               f"{p.height.max * s}x{p.width.max * s} px; "
                f"max abs error {worst:.2g}; manifest: {Path(out) / 'manifest.json'}"
                + (f"; Triton repository: {Path(out) / 'triton'}" if triton else ""))
 

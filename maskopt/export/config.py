@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import MaskoptError
 from ..paths import check_writable
-from ..sampler import Sampler
+from ..sampler import Sampler, classifier_free
 from .shapes import Range, ShapeProfile, downsampling, profile_for
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class ExportConfig:
     fp16: bool = False
     opset: int = 17
     batch: Range = DEFAULT_BATCH  # images per call; the U-Net batch is twice that with classifier-free guidance
-    size: Range | None = None  # image side in pixels; default: half, one and two times the searched size
+    size: Range | None = None  # image side in pixels, both sides; default: half, one and two times the searched ones
     classifier_free: bool | None = None  # profiles for a doubled U-Net batch; default: as searched (guidance > 1)
     drop: bool = False  # skip what the masks remove (cheaper variants; no --refit)
     refit: bool = False  # one refittable engine + one weight set per bucket instead of K engines
@@ -82,32 +82,41 @@ def check_options(config: ExportConfig) -> None:
         raise MaskoptError(f"mask file {config.masks} does not exist")
 
 
-def classifier_free(config: ExportConfig, searched: Sampler) -> bool:
+def doubles_batch(config: ExportConfig, searched: Sampler, unet: Any) -> bool:
     """Whether the profiles double the U-Net batch: as asked, else as the masks were searched, else yes (unknown).
 
     A choice that departs from the searched guidance gets one warning: a pipeline that runs the masks as
     searched calls the U-Net with the other batch, which the engines' profile would refuse.
     """
+    was = None if searched.guidance is None else classifier_free(searched.guidance, unet.config)
     if config.classifier_free is None:
-        if searched.classifier_free is None:
-            logger.info("the mask file records no guidance: profiles for classifier-free guidance (--no-cfg for none)")
-        return True if searched.classifier_free is None else searched.classifier_free
-    if searched.classifier_free is not None and config.classifier_free != searched.classifier_free:
-        flag = "--cfg" if config.classifier_free else "--no-cfg"
+        if was is None:
+            logger.info("the mask file records no guidance: profiles for classifier-free guidance "
+                        "(--no-classifier-free for none)")
+        return True if was is None else was
+    if was is not None and config.classifier_free != was:
+        flag = "--classifier-free" if config.classifier_free else "--no-classifier-free"
         logger.warning("%s: the masks were searched at guidance %g, so a pipeline that samples as searched runs %s "
-                       "classifier-free guidance", flag, searched.guidance, "with" if searched.classifier_free else "without")
+                       "classifier-free guidance", flag, searched.guidance, "with" if was else "without")
     return config.classifier_free
 
 
 def build_profile(config: ExportConfig, unet: Any, geometry: tuple[int, int], searched: Sampler) -> ShapeProfile:
-    """The engines' shape box: --batch and --size, or a size range around the searched size (the U-Net's own
-    when the mask file records none), CFG doubling as `classifier_free` decides."""
+    """The engines' shape box: --batch and --size (both sides), or, per side, half, one and two times the
+    searched height and width (the U-Net's own size when the mask file records none); the U-Net batch
+    doubled as `doubles_batch` decides."""
     vae_scale, seq = geometry
     multiple = downsampling(unet)
-    size = config.size
-    if size is None:
-        step = vae_scale * multiple
-        native = max(searched.size) if searched.size else int(unet.config.sample_size) * vae_scale
-        size = Range(max(native // 2 // step * step, step), native, native * 2)
-    return profile_for(config.batch, size, classifier_free=classifier_free(config, searched), vae_scale=vae_scale,
-                       seq=seq, multiple=multiple)
+    step = vae_scale * multiple
+    if config.size is not None:
+        height = width = config.size
+    else:
+        native = int(unet.config.sample_size) * vae_scale
+        h, w = searched.size or (native, native)
+        snapped = (-(-h // step) * step, -(-w // step) * step)  # up to a side the U-Net's skip connections take
+        if snapped != (h, w):
+            logger.warning("the masks were searched at %dx%d px, which this U-Net runs only at multiples of %d px: "
+                           "the profile is built around %dx%d (--size sets it)", h, w, step, *snapped)
+        height, width = (Range(max(s // 2 // step * step, step), s, 2 * s) for s in snapped)
+    return profile_for(config.batch, height, width=width, classifier_free=doubles_batch(config, searched, unet),
+                       vae_scale=vae_scale, seq=seq, multiple=multiple)

@@ -102,8 +102,8 @@ class Manifest:
     precision: str  # "fp32" | "fp16" (weights and compute; inputs and outputs are float32 either way)
     opset: int
     drop: bool
-    masks: dict[str, Any]  # {"file", "sha256", "fingerprint", "source"}: the mask file this came from
-    model: str | None  # the pipeline (hub id or folder) whose U-Net was baked, None: the embedded default
+    masks: dict[str, Any]  # {"file", "sha256", "bytes", "fingerprint", "source", "sampler"}: the mask file this came from
+    model: str | None  # the pipeline whose U-Net was baked: hub id, folder or maskopt:default (null means that too)
     num_train_timesteps: int = 1000
     engine: dict[str, Any] | None = None  # TensorRT build settings, when engines were built
     triton: dict[str, Any] | None = None  # {"repository", "model", "variants", "files"}

@@ -221,20 +221,21 @@ class ShapeProfile:
 
 
 def profile_for(batch: Range, size: Range, *, classifier_free: bool, vae_scale: int, seq: int,
-                multiple: int) -> ShapeProfile:
-    """The profile for `batch` images per call of `size` x `size` pixels (each side in the range).
+                multiple: int, width: Range | None = None) -> ShapeProfile:
+    """The profile for `batch` images per call, `size` pixels high and `width` (default: `size`) wide.
 
     With classifier-free guidance the pipeline runs the conditional and unconditional halves in one
     U-Net call, so the U-Net batch is twice the image batch. Sizes must be multiples of
     vae_scale * multiple (the U-Net's total downsampling), or its skip connections would not line up.
     """
     step = vae_scale * multiple
-    for value in size.to_list():
+    width = width or size
+    for value in size.to_list() + width.to_list():
         if value % step:
             raise MaskoptError(f"size {value} px: image sides must be multiples of {step} "
                                f"(VAE factor {vae_scale} x U-Net downsampling {multiple})")
-    latent = size.divided(vae_scale)
-    return ShapeProfile(batch=batch.scaled(2 if classifier_free else 1), height=latent, width=latent, seq=seq, vae_scale=vae_scale)
+    return ShapeProfile(batch=batch.scaled(2 if classifier_free else 1), height=size.divided(vae_scale),
+                        width=width.divided(vae_scale), seq=seq, vae_scale=vae_scale)
 
 
 def downsampling(unet: Any) -> int:
