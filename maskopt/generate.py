@@ -33,7 +33,7 @@ from .buckets import Buckets, scalar_timestep
 from .config import check_size
 from .errors import MaskoptError
 from .paths import check_writable, make_folder
-from .sampler import Sampler
+from .sampler import COMPARED, Sampler, classifier_free
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ def sampling(config: GenerateConfig, searched: Sampler) -> Sampler:
     return Sampler(scheduler=pick(config.scheduler, searched.scheduler, None),
                    steps=pick(config.steps, searched.steps, FALLBACK.steps),
                    guidance=pick(config.guidance, searched.guidance, FALLBACK.guidance),
-                   size=pick(config.size, searched.size, None), dtype=searched.dtype,
-                   prediction_type=searched.prediction_type)
+                   size=pick(config.size, searched.size, None))
 
 
 class RoutedUNet:
@@ -251,8 +250,11 @@ def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None
     masks = MaskSet.load(config.masks if config.masks is not None else Path(config.export_dir) / "masks.json")
     # 2. The sampler: as searched unless a flag says otherwise
     sampler = sampling(config, masks.sampler)
-    departures = masks.sampler.warn_departures("generate samples", steps=sampler.steps, guidance=sampler.guidance,
-                                               scheduler=sampler.scheduler)
+    if config.scheduler is None and sampler.scheduler is not None:
+        try:  # a scheduler named by the mask file, not by a flag
+            check_scheduler(sampler.scheduler)
+        except MaskoptError as e:
+            raise MaskoptError(f"mask file {config.masks or Path(config.export_dir) / 'masks.json'}: {e}") from None
     # 3. Pipeline, checked against what the masks/variants were made for
     model = model_for(config.model, manifest.model if manifest else masks.source)
     device = config.device or ("cuda" if backend == "tensorrt" or (backend == "torch" and torch.cuda.is_available()) else "cpu")
@@ -267,12 +269,15 @@ def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None
     if int(pipe.scheduler.config.num_train_timesteps) != buckets.num_train_timesteps:
         raise MaskoptError(f"the buckets cover {buckets.num_train_timesteps} training timesteps, "
                            f"the pipeline's scheduler has {pipe.scheduler.config.num_train_timesteps}")
+    # what will run, named as a search names it (a scheduler given by its class name is the same sampler)
     height, width = sampler.size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     sampler = Sampler(scheduler=scheduler_name(pipe.scheduler), steps=sampler.steps, guidance=sampler.guidance,
-                      size=(height, width), dtype=sampler.dtype, prediction_type=sampler.prediction_type)
+                      size=(height, width), dtype=str(pipe.unet.dtype).removeprefix("torch."),
+                      prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")))
+    departures = masks.sampler.warn_departures("generate samples", **{k: getattr(sampler, k) for k in COMPARED})
     done = lambda image: Generated(image, backend, sampler, masks.sampler, departures)
     # 4. Engines accept only their profile's shapes: refuse before any work
-    guided = sampler.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    guided = classifier_free(sampler.guidance, pipe.unet.config)
     if backend == "tensorrt":
         scale = pipe.vae_scale_factor
         try:

@@ -5,7 +5,7 @@
     >>> type(pipe).__name__, scheduler_name(pipe.scheduler)
     ('StableDiffusionPipeline', 'ddim')
 
-`load_pipeline("runwayml/stable-diffusion-v1-5", device="cuda", dtype="float16", scheduler="dpm++")` loads
+`load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda", dtype="float16", scheduler="dpm++")` loads
 from the hub (or its local cache), `load_pipeline("./my-sd-folder")` from a folder saved with
 `save_pretrained`. `maskopt:default` is a source like any other: this module is the one place that
 knows where it lives.
@@ -63,9 +63,9 @@ def location(model: str) -> Path | str:
 def model_for(model: str | None, source: str | None) -> str:
     """The pipeline to load for a mask file or export: `model` if given, else the mask file's source.
 
-    A source naming a pipeline's `unet` subfolder resolves to the pipeline; a source that is neither a
-    folder here nor a hub id (a U-Net built in Python has only its class name) falls back to the
-    embedded default, with a warning.
+    A source naming a pipeline's `unet` subfolder resolves to the pipeline; a folder of a Hugging Face
+    cache that is not on this machine, to its hub id; a source that is neither a folder here nor a hub
+    id (a U-Net built in Python has only its class name) falls back to the embedded default, with a warning.
     """
     if model:
         return model
@@ -76,6 +76,8 @@ def model_for(model: str | None, source: str | None) -> str:
         if not (path / "model_index.json").is_file() and (path.parent / "model_index.json").is_file():
             return str(path.parent)
         return str(path)
+    if hub_id_of(source):
+        return hub_id_of(source)
     try:
         return str(local_or_hub(source, "source"))
     except MaskoptError:

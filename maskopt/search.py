@@ -72,6 +72,9 @@ def prepare(cfg: SearchConfig) -> Inputs:
 
     prompts = read_prompts(cfg.prompts)
     holdout = read_prompts(cfg.holdout_prompts) if cfg.holdout_prompts != cfg.prompts else prompts
+    if len(holdout) * cfg.holdout_seeds < 2:  # one pair has no spread: its "interval" would be a single point
+        raise MaskoptError(f"the held-out check needs at least 2 images: {len(holdout)} held-out prompt(s) x "
+                           f"--holdout-seeds {cfg.holdout_seeds}; raise --holdout-seeds")
     for file, ps in ((cfg.prompts, prompts), (cfg.holdout_prompts, holdout)):
         rewards.check(cfg.reward, ps, where=f"prompt file {file}")
     check(cfg.space, cfg.gate_range, cfg.optimizer, cfg.workers)
@@ -146,7 +149,12 @@ def load_model(cfg: SearchConfig) -> tuple[Any, MaskSet]:
 
 
 def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:
-    """Run the search `cfg` describes into `cfg.out` (defaults left None are filled: `config.complete`)."""
+    """Run the search `cfg` describes into `cfg.out`.
+
+    Settings left None are filled (`config.complete`). A SearchConfig built in Python keeps the dataclass's
+    own defaults; the embedded default's recipe (guidance 1.0, channel groups, ...) is a recipe layer, which
+    `config.resolve` applies, as the command line does.
+    """
     from .rewards import load_reward
 
     # 1. Check inputs (cheap) before loading anything heavy.
@@ -236,8 +244,8 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     holdout = paired(base_ev.rewards, best_ev.rewards)
 
     # 5. The mask file (the contract), with the sampler it was searched with, then the report.
-    sampler = Sampler(scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance, size=cfg.size, dtype=cfg.dtype,
-                      prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")))
+    prediction_type = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
+    sampler = Sampler.from_search_config({**cfg.to_dict(), "prediction_type": prediction_type})
     masks = template.with_sampler(sampler).with_values(
         np.asarray(best["values"]),
         reward=cfg.reward, optimizer=cfg.optimizer, optimizer_runs=chosen or cfg.optimizer,

@@ -4,10 +4,11 @@
   values are valid (commands that need a GPU, TensorRT or the hub are checked this far).
 - The embedded-default block of commands runs as written, in a fresh working folder.
 - Then every Python block runs, in order, in one namespace, in a subprocess with an empty Hugging Face
-  cache holding a tiny SD1.5-shaped pipeline under the hub id `runwayml/stable-diffusion-v1-5` and the hub
-  offline: the README's own `from_pretrained("runwayml/stable-diffusion-v1-5")` loads it from there.
+  cache holding a tiny SD1.5-shaped pipeline under the hub id `stable-diffusion-v1-5/stable-diffusion-v1-5` and the hub
+  offline: the README's own `from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")` loads it from there.
 """
 
+import json
 import os
 import shlex
 import subprocess
@@ -18,10 +19,10 @@ import click
 import pytest
 
 from maskopt.cli import main
-from readme import blocks, commands
+from readme import README, blocks, commands
 from tiny import tiny_pipeline
 
-SD15 = "runwayml/stable-diffusion-v1-5"
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def every_command() -> list[list[str]]:
@@ -48,7 +49,7 @@ def test_every_command_the_readme_shows_parses():
 
 
 def _hub_cache(root: Path) -> Path:
-    """A Hugging Face cache holding a tiny SD1.5-shaped pipeline as the snapshot of runwayml/stable-diffusion-v1-5."""
+    """A Hugging Face cache holding a tiny SD1.5-shaped pipeline as the snapshot of stable-diffusion-v1-5/stable-diffusion-v1-5."""
     repo = root / "hub" / ("models--" + SD15.replace("/", "--"))
     commit = "0" * 40
     tiny_pipeline(repo / "snapshots" / commit)
@@ -72,4 +73,20 @@ def test_the_readme_runs(readme_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     printed = r.stdout.strip().splitlines()
     assert printed[-2:] == ["unet_b3.onnx", "onnxruntime backend, ddim, 15 steps, guidance 1, 32x32; as searched"]
-    assert (folder / "masks.json").is_file() and (folder / "3.png").is_file()
+    assert (folder / "3.png").is_file()
+    # the quickstart's mask file names the pipeline by its hub id, not by the cache folder it was loaded from
+    assert json.loads((folder / "masks.json").read_text())["source"] == SD15
+
+
+def test_links_to_the_docs_land_on_a_heading():
+    import re as _re
+
+    def anchor(heading: str) -> str:  # GitHub's: lower case, punctuation dropped, spaces to hyphens
+        return _re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+    links = _re.findall(r"\]\((docs/[\w.-]+\.md)(?:#([\w-]+))?\)", README)
+    assert links
+    for path, fragment in links:
+        text = (Path(__file__).parent.parent / path).read_text()
+        if fragment:
+            assert fragment in {anchor(h) for h in _re.findall(r"^#+ (.+)$", text, _re.M)}, (path, fragment)

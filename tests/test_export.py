@@ -181,10 +181,12 @@ def test_size_must_fit_the_unet_and_default_model_is_the_mask_source(monkeypatch
     from maskopt.models import EMBEDDED, model_for
 
     assert model_for(None, str(pipeline() / "unet")) == str(pipeline())  # pipeline's unet subfolder
-    assert model_for(None, "runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    assert model_for(None, "stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert model_for(None, "UNet2DConditionModel") == EMBEDDED  # a U-Net built in Python names only its class
     assert model_for(None, "maskopt:default") == EMBEDDED  # what a search on the embedded default writes
     assert model_for("x/y", "anything") == "x/y"
+    cached = "/elsewhere/.cache/huggingface/hub/models--org--sd-1.5_x/snapshots/0123abcd/unet"  # another machine's cache
+    assert model_for(None, cached) == "org/sd-1.5_x"
     assert Range.parse("512") == Range(512, 512, 512)
 
 

@@ -89,6 +89,10 @@ def test_generate_samples_as_searched_and_warns_once_when_a_flag_departs(searche
     assert _warnings(caplog) == ["generate samples outside the regime the masks were searched in: steps 6 (searched: 4), "
                                  "guidance 3 (searched: 1)"]
     assert other.departures == ["steps 6 (searched: 4)", "guidance 3 (searched: 1)"]
+    caplog.clear()
+    assert run(scheduler="DDIMScheduler").departures == [] and _warnings(caplog) == []  # the same sampler, spelled as a class
+    assert run(size=(24, 24)).departures == ["size 24x24 (searched: 16x16)"]
+    assert as_searched.sampler.dtype == "float32" and as_searched.sampler.prediction_type == "epsilon"
 
 
 def test_cli_generate_says_how_it_sampled(searched, tmp_path):
@@ -122,8 +126,17 @@ def test_export_profiles_follow_the_searched_guidance(searched, tmp_path, caplog
     assert profile(Sampler(guidance=1.0, size=(32, 32))).height.to_list() == [8, 16, 32]  # around the searched size
     assert _warnings(caplog) == []
     assert profile(Sampler(guidance=1.0), classifier_free=True).batch.to_list() == [2, 2, 8]
-    assert _warnings(caplog) == ["--cfg: the masks were searched at guidance 1, so a pipeline that samples as searched "
-                                 "runs without classifier-free guidance"]
+    assert _warnings(caplog) == ["--classifier-free: the masks were searched at guidance 1, so a pipeline that samples "
+                                 "as searched runs without classifier-free guidance"]
+    caplog.clear()
+    # a non-square search: each side around its own searched size (latent units; VAE factor 2 here)
+    wide = profile(Sampler(guidance=1.0, size=(16, 40)))
+    assert (wide.height.to_list(), wide.width.to_list()) == ([4, 8, 16], [10, 20, 40]) and _warnings(caplog) == []
+    # a side the U-Net cannot take (with a VAE factor of 8 its sides step by 16 px) is rounded up, said once
+    odd = build_profile(ExportConfig(masks=masks_path, out=out), unet, (8, 16), Sampler(guidance=1.0, size=(16, 40)))
+    assert (odd.height.to_list(), odd.width.to_list()) == ([2, 2, 4], [2, 6, 12])
+    assert _warnings(caplog) == ["the masks were searched at 16x40 px, which this U-Net runs only at multiples of 16 px: "
+                                 "the profile is built around 16x48 (--size sets it)"]
 
 
 def test_a_format_1_mask_file_loads_exports_and_generates(tmp_path):
