@@ -3,6 +3,7 @@
     python benchmarks/testbed_gain.py                       # the default search (recipes/default.yaml)
     python benchmarks/testbed_gain.py --recipe R.yaml --budget 150 --seeds 10
     python benchmarks/testbed_gain.py --strategy sweep --budget 400 --seeds 10
+    python benchmarks/testbed_gain.py --masks RUN/masks.json --seeds 10      # judge a finished search
 
 1. Runs `maskopt search` with the default settings (or a recipe) into a temporary folder.
 2. On the held-out prompts x unseen seeds (1000..1000+S-1), samples baseline, maskopt's masks, and
@@ -10,19 +11,23 @@
 3. Prints mean reward, the paired difference to the baseline with its bootstrap 95% CI, and the Frechet
    distance to real held-out digits (classifier features) for each; then maskopt beside FreeU's best
    setting, picked on the search prompts x seeds (as the masks were), never on the held-out images.
+4. Judges baseline, FreeU's best and maskopt again on the same images with a judge the search never saw
+   (`digits-kernel`) and as sets: diversity between the seeds of each prompt, as a ratio to the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from maskopt.config import SearchConfig, resolve
+from maskopt.config import SearchConfig, complete, resolve
 from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward, frechet_distance
 from maskopt.evaluate import Evaluation, Evaluator
@@ -39,6 +44,7 @@ FREEU_GRID = [(0.9, 0.2, 1.5, 1.6), (0.9, 0.2, 1.2, 1.4), (1.0, 1.0, 1.1, 1.2), 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--masks", default=None, help="judge this mask file instead of running a search")
     ap.add_argument("--recipe", default=None)
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=10, help="unseen seeds per held-out prompt")
@@ -54,19 +60,25 @@ def main() -> None:
     if args.device in (None, "cpu"):
         torch.set_num_threads(2)
 
-    out = args.out or tempfile.mkdtemp(prefix="maskopt-testbed-")
-    cfg = resolve(args.recipe, budget=args.budget, out=out, space=args.space,
-                  targets=tuple(args.targets) if args.targets else None, optimizer=args.optimizer,
-                  strategy=args.strategy, workers=args.workers, device=args.device)
-    t0 = time.perf_counter()
-    result = run_search(cfg)
-    search_s = time.perf_counter() - t0
-    print(f"search: {result.evaluations} evaluations in {search_s:.0f} s ({cfg.space}, {cfg.strategy}, {cfg.targets}, "
-          f"--workers {cfg.workers}, "
-          f"K={cfg.buckets}, {cfg.steps} steps, guidance {cfg.guidance}) -> {result.masks_path}")
+    if args.masks:  # judge a finished search: its settings are in the mask file's provenance
+        masks_path = Path(args.masks)
+        cfg = complete(SearchConfig.from_dict(MaskSet.load(masks_path).provenance["config"]))
+        if args.device:
+            cfg = dataclasses.replace(cfg, device=args.device)
+        print(f"masks: {masks_path} ({cfg.space}, {cfg.strategy}, K={cfg.buckets}, {cfg.steps} steps, guidance {cfg.guidance})")
+    else:
+        out = args.out or tempfile.mkdtemp(prefix="maskopt-testbed-")
+        cfg = resolve(args.recipe, budget=args.budget, out=out, space=args.space,
+                      targets=tuple(args.targets) if args.targets else None, optimizer=args.optimizer,
+                      strategy=args.strategy, workers=args.workers, device=args.device)
+        t0 = time.perf_counter()
+        masks_path = run_search(cfg).masks_path
+        print(f"search: {cfg.budget} evaluations in {time.perf_counter() - t0:.0f} s ({cfg.space}, {cfg.strategy}, "
+              f"{cfg.targets}, --workers {cfg.workers}, K={cfg.buckets}, {cfg.steps} steps, guidance {cfg.guidance}) "
+              f"-> {masks_path}")
 
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
-    masks = MaskSet.load(result.masks_path, unet=pipe.unet)
+    masks = MaskSet.load(masks_path, unet=pipe.unet)
     ev = held_out(pipe, masks, cfg, args.seeds)
     base = ev(np.ones_like(masks.values), keep_images=True)
     rows = [("baseline", base), ("maskopt", ev(masks.values, keep_images=True))] + freeu_rows(pipe, ev)
@@ -95,6 +107,26 @@ def main() -> None:
           f"{paired(evals[upper].rewards, evals['maskopt'].rewards).describe()})")
     goal = pm.ci_low > 0 and pm.diff >= 0.05 and fm <= fb
     print(f"goal (gain >= 0.05, CI above 0, Frechet not worse): {'met' if goal else 'NOT met'}")
+    judged(evals["baseline"], evals[picked], evals["maskopt"], ev, cfg)
+
+
+def judged(base: Evaluation, freeu: Evaluation, masked: Evaluation, ev: Evaluator, cfg: SearchConfig) -> None:
+    """The same images under a judge the search never saw (digits-kernel) and as sets: diversity between the
+    seeds of each prompt (classifier features, and the 8x8 pixels the judge reads), ratio to the baseline."""
+    from maskopt.default.judge import KernelJudge, pixels
+    from maskopt.measures import diversity
+
+    judge, reward = KernelJudge(), DigitReward(device=cfg.device)
+    prompts = ev.image_prompts
+    rows = {"baseline": base, "best FreeU": freeu, "maskopt": masked}
+    scores = {k: judge(r.images, prompts).tolist() for k, r in rows.items()}
+    spread = lambda r, f: float(diversity(f(r.images), len(ev.prompts)).mean())
+    print(f"\n{'':12} {'reward':>7} {'judge':>7} {'diversity (features / pixels) vs baseline':>44}")
+    for k, r in rows.items():
+        ratio = [spread(r, f) / spread(base, f) for f in (reward.features, lambda x: pixels(x).float())]
+        print(f"{k:12} {np.mean(r.rewards):7.4f} {np.mean(scores[k]):7.4f} {ratio[0]:21.3f} / {ratio[1]:.3f}")
+    print(f"judge digits-kernel, maskopt - baseline: {paired(scores['baseline'], scores['maskopt']).describe()}")
+    print(f"judge digits-kernel, maskopt - best FreeU: {paired(scores['best FreeU'], scores['maskopt']).describe()}")
 
 
 def held_out(pipe, masks: MaskSet, cfg: SearchConfig, seeds: int) -> Evaluator:

@@ -188,3 +188,29 @@ def test_a_bad_flag_is_not_blamed_on_the_embedded_recipe(tmp_path):
     r = CliRunner().invoke(main, ["search", "--size", "0x0", "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and r.output.strip() == (
         "Error: size 0x0: height and width must be positive multiples of 8, e.g. 512x512")
+
+
+def test_the_second_judge_is_another_model_that_reads_digits(holdout):
+    """digits-kernel: a kernel machine on 8x8 pixels, trained on the diffusion split; its torch inference is
+    scikit-learn's own Nystroem + LogisticRegression on the shipped arrays, and it reads real digits as well."""
+    from sklearn.kernel_approximation import Nystroem
+    from sklearn.linear_model import LogisticRegression
+
+    from maskopt.default.judge import KernelJudge, pixels
+    from maskopt.rewards import load_reward
+
+    judge = load_reward("digits-kernel")
+    assert isinstance(judge, KernelJudge)
+    images, labels = holdout
+    kernel = Nystroem(kernel="rbf", gamma=judge.gamma, n_components=len(judge.landmarks))
+    kernel.components_, kernel.normalization_ = judge.landmarks.numpy(), judge.normalization.numpy()
+    kernel.component_indices_ = np.arange(len(judge.landmarks))
+    logistic = LogisticRegression()
+    logistic.coef_, logistic.intercept_, logistic.classes_ = judge.coef.numpy(), judge.intercept.numpy(), np.arange(10)
+    want = logistic.predict_proba(kernel.transform(pixels(images).numpy()))
+    assert np.abs(judge.probabilities(images).numpy() - want).max() < 1e-6
+    assert (want.argmax(1) == labels.numpy()).mean() >= 0.98
+    prompts = [f"the digit {d}" for d in labels.tolist()]
+    assert torch.allclose(judge(images, prompts), torch.from_numpy(want[np.arange(len(labels)), labels.numpy()]).float())
+    with pytest.raises(ValueError, match="names no digit"):
+        judge(images[:1], ["a cat"])

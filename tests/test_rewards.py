@@ -54,12 +54,13 @@ def all_pairs(reward, images, prompts):
 # --- names and specs -----------------------------------------------------------------------
 
 def test_names_are_listed():
-    assert set(REWARDS) == {"aesthetic", "clip", "digits", "hpsv2", "imagereward", "pickscore"}
-    assert valid_names() == "aesthetic, clip, digits, hpsv2, imagereward, pickscore, python:module:function"
+    assert set(REWARDS) == {"aesthetic", "clip", "digits", "digits-kernel", "hpsv2", "imagereward", "pickscore"}
+    assert valid_names() == "aesthetic, clip, digits, digits-kernel, hpsv2, imagereward, pickscore, python:module:function"
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("clipp", "unknown reward 'clipp'; valid: aesthetic, clip, digits, hpsv2, imagereward, pickscore, python:module:function"),
+    ("clipp", "unknown reward 'clipp'; valid: aesthetic, clip, digits, digits-kernel, hpsv2, imagereward, pickscore, "
+              "python:module:function"),
     ("", "empty reward spec; valid: aesthetic"),
     ("clip@", "nothing after '@'"),
     ("clip=1,hps=2", "unknown reward 'hps'; valid: aesthetic"),

@@ -102,27 +102,6 @@ def _shipped_reward() -> DigitReward:
     return DigitReward()
 
 
-def frechet_features(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D).
-
-    Computed in float64 through symmetric eigendecompositions, which stay real and stable
-    where a general matrix square root of a rank-deficient covariance does not.
-    """
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be (N, D) with the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    # tr sqrt(A B) = tr sqrt(sqrt(A) B sqrt(A)), and the latter is symmetric PSD.
-    vals, vecs = torch.linalg.eigh(cov_a)
-    sqrt_a = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
-    distance = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross
-    return float(distance.clamp(min=0))
-
-
 def frechet_distance(images: torch.Tensor, reference: torch.Tensor | None = None,
                      reward: DigitReward | None = None) -> float:
     """Frechet distance between images and reference images in the classifier's feature space.
@@ -131,7 +110,9 @@ def frechet_distance(images: torch.Tensor, reference: torch.Tensor | None = None
     digits (360 images no model trained on), ``reward`` to the shipped classifier. Like any
     FID it is biased upwards for small N: compare values computed with the same N.
     """
+    from ..measures import frechet
+
     reward = reward if reward is not None else _shipped_reward()
     if reference is None:
         reference, _ = load_split("holdout")
-    return frechet_features(reward.features(images), reward.features(reference))
+    return frechet(reward.features(images), reward.features(reference))

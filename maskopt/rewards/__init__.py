@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 REWARDS: dict[str, str] = {
     "aesthetic": "maskopt.rewards.aesthetic",
     "clip": "maskopt.rewards.clip",
-    "digits": "maskopt.default.reward",  # the embedded default's digit classifier
+    "digits": "maskopt.default.reward",  # the embedded default's digit classifier (a CNN)
+    "digits-kernel": "maskopt.default.judge",  # its second judge: a kernel classifier on 8x8 pixels
     "hpsv2": "maskopt.rewards.hpsv2",
     "imagereward": "maskopt.rewards.imagereward",
     "pickscore": "maskopt.rewards.pickscore",
