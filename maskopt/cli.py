@@ -250,5 +250,64 @@ def generate(prompt: str, masks_path: str | None, export_dir: str | None, backen
     click.echo(f"wrote {done.path} (seed {seed}; {done.describe()})")
 
 
+@main.command("eval")
+@click.option("--masks", "masks_paths", multiple=True, required=True, type=click.Path(),
+              help="Mask file to judge (repeatable; they must share one U-Net and one sampler).")
+@click.option("--prompts", default=None, type=click.Path(), help="Prompt file; default: the first mask file's held-out prompts.")
+@click.option("--seeds", type=int, default=10, show_default=True, help="Unseen seeds per prompt (1000, 1001, ...).")
+@click.option("--reward", "rewards", multiple=True,
+              help="A judge (reward spec; repeatable); default: the searched reward, and digits-kernel on the embedded default.")
+@click.option("--freeu", default="grid", show_default=True,
+              help="FreeU to compare with: grid (the best of a 6-setting grid, picked on the search prompts x seeds), "
+              "default (diffusers' setting for the model family), B1,B2,S1,S2, or none.")
+@click.option("--features", default=None,
+              help="Features for diversity and the Frechet distance: digits, or a CLIP or DINOv2 model (hub id or folder); "
+              "default: digits on the embedded default, else openai/clip-vit-large-patch14.")
+@click.option("--reference", type=click.Path(), default=None,
+              help="Folder of reference images for the Frechet distance; default: real held-out digits on the embedded default.")
+@click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the mask files' source, else"))
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", type=int, default=0, help="Images per pipeline call (default: all at once).")
+@click.option("--out", default=None, help="Output folder (default: a new runs/eval-DATE-TIME).")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out.")
+def eval_(masks_paths: tuple[str, ...], prompts: str | None, seeds: int, rewards: tuple[str, ...], freeu: str,
+          features: str | None, reference: str | None, model: str | None, device: str, batch_size: int,
+          out: str | None, force: bool) -> None:
+    """Judge mask files against the baseline and FreeU: every judge, diversity and a Frechet distance, with CIs."""
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .comparison import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        masks=tuple(Path(p) for p in masks_paths), out=Path(out or time.strftime("runs/eval-%Y%m%d-%H%M%S")),
+        prompts=Path(prompts) if prompts else None, seeds=seeds, rewards=rewards, freeu=freeu, features=features,
+        reference=Path(reference) if reference else None, model=model, device=device, batch_size=batch_size,
+        force=force,
+    )
+    bar = None  # made when the first evaluation starts: input errors print alone
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="eval", unit="condition", dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        data = run_eval(cfg, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    judge = data["settings"]["judges"][0]
+    last = [r for r in data["conditions"] if r["kind"] == "masks"][-1]
+    versus = "vs_freeu" if "vs_freeu" in last["judges"][judge] else "vs_baseline"
+    p = last["judges"][judge][versus]
+    click.echo(f"{len(data['conditions'])} conditions x {data['settings']['images_per_condition']} images; {last['name']} "
+               f"- {'FreeU' if versus == 'vs_freeu' else 'baseline'} on {judge}: {p['diff']:+.4f} (95% CI "
+               f"{p['ci_low']:+.4f} to {p['ci_high']:+.4f}); report: {cfg.out / 'report.md'}")
+
+
 if __name__ == "__main__":
     main()

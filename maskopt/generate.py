@@ -33,7 +33,7 @@ from .buckets import Buckets, scalar_timestep
 from .config import check_size
 from .errors import MaskoptError
 from .paths import check_writable, make_folder
-from .sampler import COMPARED, Sampler, classifier_free
+from .sampler import COMPARED, FALLBACK, Sampler, classifier_free
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ class GenerateConfig:
     device: str | None = None  # default: cuda for tensorrt (and torch when present), else cpu
 
 
-# where a mask file records no sampler (made in Python, or by a maskopt that did not record it): SD's usual setting
-FALLBACK = Sampler(steps=30, guidance=7.5)
 
 
 @dataclass

@@ -131,3 +131,7 @@ def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return "x".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# what generate and eval sample with where a mask file records no sampler: SD's usual steps and guidance
+FALLBACK = Sampler(steps=30, guidance=7.5)

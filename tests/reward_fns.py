@@ -56,3 +56,8 @@ def dies(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     if _die["n"] == int(os.environ.get("MASKOPT_TEST_DIE_AT", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
     return images.mean(dim=(1, 2, 3))
+
+
+def redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The red channel's mean: a second judge for the eval tests."""
+    return images[:, 0].mean(dim=(1, 2))

@@ -59,11 +59,12 @@ def _hub_cache(root: Path) -> Path:
 
 
 def test_the_readme_runs(readme_run, tmp_path):
-    folder, (search, generate, export, generate_onnx) = readme_run
+    folder, (search, generate, export, generate_onnx, evaluation) = readme_run
     assert search.startswith("masks: runs/first/masks.json (20 evaluations)")
     assert generate.endswith("(seed 0; torch backend, ddim, 15 steps, guidance 1, 32x32; as searched)")
     assert "U-Net batch 1..4" in export  # searched at guidance 1: no classifier-free doubling
     assert generate_onnx.endswith("(seed 0; onnxruntime backend, ddim, 15 steps, guidance 1, 32x32; as searched)")
+    assert evaluation.startswith("3 conditions x 80 images; first - FreeU on digits: ") and "runs/first-eval/report.md" in evaluation
     # the Python blocks, in order, with the SD1.5 hub id served from a local cache, offline
     script = tmp_path / "readme_blocks.py"
     script.write_text("\n\n".join(blocks("python")))

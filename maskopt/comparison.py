@@ -1,0 +1,362 @@
+"""`maskopt eval`: mask files judged against the baseline and FreeU's best setting, on any judges.
+
+    run_eval(EvalConfig(masks=(Path("runs/first/masks.json"),), out=Path("runs/first-eval"), seeds=10))
+
+For each condition (the baseline, FreeU's setting, each mask file), on the evaluation prompts x unseen
+seeds 1000..1000+N-1 with the same noise for every condition:
+- every judge's score per image (the searched reward and any other reward spec);
+- diversity: per prompt, the mean feature distance between the images of its seeds;
+- realism: the Frechet distance of all its images' features to a reference set's.
+Then each condition against the baseline, and each mask file against FreeU, as paired differences with
+95% intervals: BCa over images for a judge, BCa over prompts for diversity, and the percentile interval
+of a paired bootstrap over images for the Frechet distance (FRECHET_REPS resamples).
+
+FreeU's setting with `--freeu grid` is the best of `freeu.GRID` on the search prompts x seeds under the
+searched reward, as the masks were picked: never on the images it is judged on. The sampler is the
+mask files' own (they must agree); the features and the reference default to the embedded default's
+classifier and its real held-out digits.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import rewards
+from .errors import MaskoptError
+from .evaluate import Evaluator
+from .features import image_files, load_features, load_images
+from .freeu import GRID, FreeU, enabled, recommended
+from .maskset import MaskSet
+from .measures import diversity, frechet
+from .models import EMBEDDED, check_device, load_pipeline, model_for
+from .paths import check_writable, make_folder
+from .prompts import read_prompts
+from .report import save_grid
+from .sampler import FALLBACK
+from .stats import paired
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED0 = 1000  # unseen seeds, as the search's held-out check: the search picks its masks on seeds 0..S-1
+FRECHET_REPS = 200
+FORMAT = "maskopt.eval/1"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    masks: tuple[Path, ...]
+    out: Path
+    prompts: Path | None = None  # default: the first mask file's held-out prompts
+    seeds: int = 10  # per prompt, at least 2 (diversity is measured between them)
+    rewards: tuple[str, ...] = ()  # judges; default: the searched reward, plus digits-kernel on the embedded default
+    freeu: str = "grid"  # none | default | grid | B1,B2,S1,S2
+    features: str | None = None  # default: digits on the embedded default, else CLIP ViT-L/14 (features.py)
+    reference: Path | None = None  # images for the Frechet distance; default: real held-out digits on the embedded default
+    model: str | None = None  # default: the mask files' source
+    device: str = "cpu"
+    batch_size: int = 0  # images per pipeline call; 0: all at once
+    force: bool = False  # replace a non-empty --out
+
+
+@dataclass
+class Condition:
+    name: str
+    kind: str  # baseline | freeu | masks
+    freeu: FreeU | None = None
+    masks: Any = None  # the MaskSet (kind "masks")
+    scores: dict[str, list[float]] = field(default_factory=dict)  # judge -> per image, (seed, prompt) order
+    diversity: np.ndarray | None = None  # per prompt
+    features: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+
+
+def run_eval(config: EvalConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Judge every condition and write eval.json, report.md and grid.png into `config.out`; returns eval.json's data.
+
+    `progress(done, total)` counts evaluations of prompts x seeds: FreeU's grid on the search data, then
+    one per condition.
+    """
+    # 1. Check inputs, before any model loads
+    mask_sets = _load_masks(config.masks)
+    first = mask_sets[0]
+    if config.seeds < 2:
+        raise MaskoptError(f"--seeds must be at least 2 (diversity is measured between the seeds of a prompt), "
+                           f"got {config.seeds}")
+    searched = first.provenance.get("config") or {}
+    prompt_file = config.prompts or searched.get("holdout_prompts")
+    if prompt_file is None:
+        raise MaskoptError(f"mask file {config.masks[0]} records no held-out prompts: give --prompts FILE")
+    prompts = read_prompts(prompt_file)
+    model = model_for(config.model, first.source)
+    embedded = model == EMBEDDED
+    judges = list(config.rewards) or _default_judges(first, embedded)
+    for spec in judges:
+        rewards.check(spec, prompts, where=f"prompt file {prompt_file}")
+    setting, grid = _freeu_choice(config, first, searched)
+    if config.reference is not None:
+        image_files(config.reference)  # a missing folder, or one without images, fails now
+    elif not embedded:
+        logger.warning("no --reference: the Frechet distance is not computed (diversity still is)")
+    _check_out(Path(config.out), config.force)
+    check_device(config.device)
+
+    # 2. Pipeline, judges, features
+    sampler = first.sampler
+    steps = sampler.steps or FALLBACK.steps
+    guidance = sampler.guidance if sampler.guidance is not None else FALLBACK.guidance
+    pipe = load_pipeline(model, device=config.device, scheduler=sampler.scheduler)
+    for path, m in zip(config.masks, mask_sets):
+        try:
+            m.check(pipe.unet)
+        except MaskoptError as e:
+            raise MaskoptError(f"mask file {path}: {e}") from None
+    size = sampler.size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    loaded = [rewards.load_reward(spec, config.device) for spec in judges]
+    features = load_features(config.features or ("digits" if embedded else None), config.device)
+    reference = _reference(config.reference, size, embedded)
+    reference_features = features(reference) if reference is not None else None
+    sample = lambda template, ps, seeds, reward: Evaluator(pipe, reward, template, ps, seeds, steps, guidance, size,
+                                                            None, config.batch_size)
+
+    # 3. FreeU's setting: given, diffusers' for the U-Net's family, or the grid's best on the search data
+    total = (len(grid["settings"]) if grid else 0) + 1 + (setting is not None or grid is not None) + len(mask_sets)
+    tick = _counter(total, progress)
+    if config.freeu.strip().lower() == "default":
+        setting = recommended(pipe.unet)
+    if grid is not None:
+        picker = sample(first, grid["prompts"], grid["seeds"], rewards.load_reward(grid["reward"], config.device))
+        grid["means"] = {}
+        for s in grid["settings"]:
+            grid["means"][str(s)] = _with_freeu(pipe, s, lambda: picker(np.ones_like(first.values)).reward)
+            tick()
+        setting = max(grid["settings"], key=lambda s: grid["means"][str(s)])
+
+    # 4. Every condition on the same prompts x unseen seeds
+    conditions = [Condition("baseline", "baseline")]
+    if setting is not None:
+        conditions.append(Condition(f"FreeU {setting}", "freeu", freeu=setting))
+    conditions += [Condition(name, "masks", masks=m) for name, m in zip(_names(config.masks), mask_sets)]
+    seeds = range(EVAL_SEED0, EVAL_SEED0 + config.seeds)
+    for c in conditions:
+        ev = sample(c.masks if c.masks is not None else first, prompts, seeds, loaded[0])
+        values = c.masks.values if c.masks is not None else np.ones_like(first.values)
+        result = _with_freeu(pipe, c.freeu, lambda: ev(values, keep_images=True))
+        if result.failed:
+            raise MaskoptError(f"the judge {judges[0]} returned NaN or inf for {c.name}")
+        c.images, c.scores = result.images, {judges[0]: result.rewards}
+        for spec, judge in zip(judges[1:], loaded[1:]):
+            c.scores[spec] = [float(x) for x in judge(result.images, ev.image_prompts)]
+        c.features = features(result.images)
+        c.diversity = diversity(c.features, len(prompts)).numpy()
+        tick()
+
+    # 5. Statistics, then the files
+    data = _summarise(config, conditions, judges, reference_features, grid, prompts, steps, guidance, size,
+                      model, features.name)
+    _write(Path(config.out), data, conditions, prompts)
+    return data
+
+
+def _load_masks(paths: tuple[Path, ...]) -> list[Any]:
+    """The mask files, which must share one U-Net architecture and one sampler to be compared."""
+    if not paths:
+        raise MaskoptError("give at least one --masks FILE")
+    sets = [MaskSet.load(p) for p in paths]
+    first = sets[0]
+    for path, m in zip(paths[1:], sets[1:]):
+        if m.fingerprint != first.fingerprint:
+            raise MaskoptError(f"mask file {path} was made for another U-Net than {paths[0]} "
+                               f"(fingerprint {m.fingerprint[:12]}, not {first.fingerprint[:12]})")
+        differ = m.sampler.departures(**{k: getattr(first.sampler, k) for k in ("scheduler", "steps", "guidance", "size")})
+        if differ:
+            raise MaskoptError(f"mask file {path} was searched with another sampler than {paths[0]} "
+                               f"({', '.join(differ)}): conditions must share one sampler to be compared")
+    return sets
+
+
+def _counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[], None]:
+    done = [0]
+    if progress:
+        progress(0, total)
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    return tick
+
+
+def _default_judges(masks: Any, embedded: bool) -> list[str]:
+    searched = masks.provenance.get("reward")
+    judges = [searched] if searched else []
+    if embedded:
+        judges += [j for j in ("digits", "digits-kernel") if j not in judges]
+    if not judges:
+        raise MaskoptError("the mask file records no reward: give the judges with --reward SPEC")
+    return judges
+
+
+def _freeu_choice(config: EvalConfig, masks: Any, searched: dict) -> tuple[FreeU | None, dict | None]:
+    """(the setting, None), or (None, what the grid is picked on) for `--freeu grid`."""
+    mode = config.freeu.strip().lower()
+    if mode in ("none", "default"):  # default: diffusers' setting for the U-Net's family, once it is loaded
+        return None, None
+    if mode != "grid":
+        return FreeU.parse(config.freeu), None
+
+    file, seeds, reward = searched.get("prompts"), searched.get("seeds"), masks.provenance.get("reward")
+    if not (file and seeds and reward) or not Path(file).is_file():
+        raise MaskoptError(f"--freeu grid picks FreeU's best on the search prompts x seeds, which {config.masks[0]} "
+                           "does not record (or its prompt file is not here): give --freeu B1,B2,S1,S2 or default")
+    return None, {"settings": list(GRID), "prompts": read_prompts(file), "seeds": range(int(seeds)), "reward": reward,
+                  "prompt_file": str(file)}
+
+
+def _with_freeu(pipe: Any, setting: FreeU | None, run: Callable[[], Any]) -> Any:
+    with enabled(pipe.unet, setting):
+        return run()
+
+
+def _reference(folder: Path | None, size: tuple[int, int], embedded: bool) -> torch.Tensor | None:
+    if folder is not None:
+        return load_images(folder, size)
+    if embedded:
+        from .default.data import load_split
+
+        return load_split("holdout")[0]  # real digits neither the diffusion model nor the judges trained on
+    return None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MaskoptError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise MaskoptError(f"--out {out} exists and is not empty (add --force to replace what eval writes there)")
+    check_writable(out, "--out")
+
+
+def _names(paths: tuple[Path, ...]) -> list[str]:
+    """Short, distinct names: the parent folder of each masks.json (a search's folder), else the file's name."""
+    names = [p.parent.name if p.name == "masks.json" and p.parent.name else p.name for p in map(Path, paths)]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+
+
+def _frechet_diff(base: torch.Tensor, other: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """FD(other) - FD(base) to the reference, with the percentile 95% interval of a paired bootstrap over images."""
+    diff = frechet(other, reference) - frechet(base, reference)
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(FRECHET_REPS):
+        idx = torch.from_numpy(rng.integers(0, len(base), len(base)))
+        draws.append(frechet(other[idx], reference) - frechet(base[idx], reference))
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"diff": float(diff), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def _summarise(config: EvalConfig, conditions: list[Condition], judges: list[str], reference: torch.Tensor | None,
+               grid: dict | None, prompts: list[str], steps: int, guidance: float, size: tuple[int, int], model: str,
+               features: str) -> dict[str, Any]:
+    base = conditions[0]
+    peer = next((c for c in conditions if c.kind == "freeu"), None)
+    rows = []
+    for c in conditions:
+        row: dict[str, Any] = {"name": c.name, "kind": c.kind, "judges": {}}
+        if c.freeu is not None:
+            row["freeu"] = c.freeu.to_dict()
+        for spec in judges:
+            j: dict[str, Any] = {"mean": float(np.mean(c.scores[spec])), "scores": [float(x) for x in c.scores[spec]]}
+            if c is not base:
+                j["vs_baseline"] = paired(base.scores[spec], c.scores[spec]).to_dict()
+            if c.kind == "masks" and peer is not None:
+                j["vs_freeu"] = paired(peer.scores[spec], c.scores[spec]).to_dict()
+            row["judges"][spec] = j
+        scale = float(base.diversity.mean())
+        div = {"mean": float(c.diversity.mean()), "ratio": float(c.diversity.mean()) / scale,
+               "per_prompt": [float(x) for x in c.diversity]}
+        if c is not base:  # the per-prompt paired difference, also as a ratio to the baseline's mean
+            p = paired(base.diversity, c.diversity)
+            div["vs_baseline"] = p.to_dict()
+            div["ratio_ci"] = [1 + p.ci_low / scale, 1 + p.ci_high / scale]
+        row["diversity"] = div
+        if reference is not None:
+            fd: dict[str, Any] = {"value": frechet(c.features, reference)}
+            if c is not base:
+                fd["vs_baseline"] = _frechet_diff(base.features, c.features, reference)
+            row["frechet"] = fd
+        rows.append(row)
+    settings = {"masks": [str(p) for p in config.masks], "prompts": str(config.prompts) if config.prompts else None,
+                "n_prompts": len(prompts), "seeds": [EVAL_SEED0, EVAL_SEED0 + config.seeds - 1],
+                "images_per_condition": len(prompts) * config.seeds, "judges": judges, "features": features,
+                "reference": str(config.reference) if config.reference else ("maskopt:default held-out digits"
+                                                                              if reference is not None else None),
+                "model": model, "sampler": {"steps": steps, "guidance": guidance, "size": list(size)},
+                "freeu": config.freeu}
+    freeu = None
+    if peer is not None:
+        freeu = {"setting": peer.freeu.to_dict(), "mode": config.freeu}
+        if grid:
+            freeu.update(picked_on=f"{grid['prompt_file']} x seeds 0..{len(grid['seeds']) - 1}",
+                         picked_by=grid["reward"], search_means=grid["means"])
+    return {"format": FORMAT, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "settings": settings, "freeu": freeu, "conditions": rows}
+
+
+def _write(out: Path, data: dict[str, Any], conditions: list[Condition], prompts: list[str]) -> None:
+    make_folder(out, "--out")
+    (out / "eval.json").write_text(json.dumps(data, indent=1) + "\n")
+    n = min(8, len(prompts))
+    save_grid([c.images[:n] for c in conditions], out / "grid.png")  # seed 1000 of the first prompts, a row each
+    (out / "report.md").write_text(report(data, prompts[:n]))
+
+
+def report(data: dict[str, Any], shown: list[str]) -> str:
+    """report.md: one table of every condition, one of each mask file against FreeU."""
+    judges = data["settings"]["judges"]
+    ci = lambda p: f"{p['diff']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
+    fd = any("frechet" in r for r in data["conditions"])
+    head = (["condition"] + [f"{j} (vs baseline)" for j in judges] + ["diversity / baseline's"]
+            + (["Frechet (vs baseline)"] if fd else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in data["conditions"]:
+        cells = [r["name"]]
+        for j in judges:
+            s = r["judges"][j]
+            cells.append(f"{s['mean']:.4f}" + (f" ({ci(s['vs_baseline'])})" if "vs_baseline" in s else ""))
+        d = r["diversity"]
+        cells.append(f"{d['ratio']:.3f}" + (f" [{d['ratio_ci'][0]:.3f}, {d['ratio_ci'][1]:.3f}]" if "ratio_ci" in d else ""))
+        if fd:
+            f = r.get("frechet", {})
+            cells.append(f"{f['value']:.3f}" + (f" ({ci(f['vs_baseline'])})" if "vs_baseline" in f else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    s = data["settings"]
+    text = [f"# maskopt eval\n",
+            f"{s['n_prompts']} prompts x seeds {s['seeds'][0]}..{s['seeds'][1]} = {s['images_per_condition']} images per "
+            f"condition, the same noise for each; sampler {s['sampler']['steps']} steps, guidance "
+            f"{s['sampler']['guidance']:g}, {s['sampler']['size'][0]}x{s['sampler']['size'][1]}; features `{s['features']}`"
+            + (f", reference `{s['reference']}`" if s["reference"] else "") + ".\n",
+            "Differences are paired, with 95% intervals in brackets (judges: per image; diversity: per prompt; "
+            "Frechet: a bootstrap over images). An interval that includes 0 is no difference.\n",
+            "\n".join(lines) + "\n"]
+    freeu = data["freeu"]
+    if freeu is not None:
+        picked = (f" picked on {freeu['picked_on']} by `{freeu['picked_by']}`, never on the images above"
+                  if "picked_on" in freeu else f" (--freeu {freeu['mode']})")
+        text.append(f"## Each mask file against FreeU's setting\n\nFreeU's setting: "
+                    f"{' '.join(f'{k}={v:g}' for k, v in freeu['setting'].items())},{picked}.\n")
+        rows = ["| mask file | " + " | ".join(judges) + " |", "|" + " --- |" * (len(judges) + 1)]
+        for r in data["conditions"]:
+            if r["kind"] == "masks":
+                rows.append(f"| {r['name']} | " + " | ".join(ci(r["judges"][j]["vs_freeu"]) for j in judges) + " |")
+        text.append("\n".join(rows) + "\n")
+    text.append("## Images\n\nRows: " + ", ".join(r["name"] for r in data["conditions"]) + "; columns: "
+                + ", ".join(f"`{p}`" for p in shown) + f" (seed {s['seeds'][0]}).\n\n![grid](grid.png)\n")
+    return "\n".join(text)
