@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import click
 
@@ -145,6 +147,27 @@ def search(recipe: str | None, **flags) -> None:
     click.echo(f"masks: {result.masks_path} ({result.evaluations} evaluations); {gain}; report: {result.out / 'report.md'}")
 
 
+@contextmanager
+def _bar(desc: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress(done, total) callback whose bar appears at its first call: errors and warnings of loading
+    print on lines of their own."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _hxw(text: str | None) -> tuple[int, int] | None:
     """`--size 512x768` -> (512, 768) as (height, width); `512` -> (512, 512)."""
     if text is None:
@@ -181,8 +204,6 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
     """Bake each bucket into a U-Net variant: verified ONNX, TensorRT engines, Triton models, manifest.json."""
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from .export import ExportConfig, Range
     from .export import export as run_export
 
@@ -192,19 +213,8 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
         classifier_free=classifier_free, drop=drop, refit=refit, triton=triton, workspace_gb=workspace,
         timing_cache=Path(timing_cache) if timing_cache else None, optimization_level=opt_level, force=force,
     )
-    bar = None  # made when the first variant starts: errors and warnings of loading print on lines of their own
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="export", unit="variant", dynamic_ncols=True)
-        bar.update(done - bar.n)
-
-    try:
+    with _bar("export", "variant") as progress:
         manifest = run_export(cfg, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     kinds = [k for k, on in (("onnx", cfg.onnx), ("plan", trt)) if on]
     worst = max(v.verify["onnx"].max_abs for v in manifest.variants)
     p, s = manifest.profile, manifest.profile.vae_scale
@@ -277,8 +287,6 @@ def eval_(masks_paths: tuple[str, ...], prompts: str | None, seeds: int, rewards
     import time
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from .comparison import EvalConfig, run_eval
 
     cfg = EvalConfig(
@@ -287,19 +295,8 @@ def eval_(masks_paths: tuple[str, ...], prompts: str | None, seeds: int, rewards
         reference=Path(reference) if reference else None, model=model, device=device, batch_size=batch_size,
         force=force,
     )
-    bar = None  # made when the first evaluation starts: input errors print alone
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="eval", unit="condition", dynamic_ncols=True)
-        bar.update(done - bar.n)
-
-    try:
+    with _bar("eval", "evaluation") as progress:
         data = run_eval(cfg, progress)
-    finally:
-        if bar is not None:
-            bar.close()
     judge = data["settings"]["judges"][0]
     last = [r for r in data["conditions"] if r["kind"] == "masks"][-1]
     versus = "vs_freeu" if "vs_freeu" in last["judges"][judge] else "vs_baseline"
