@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .objective import INFEASIBLE_LOSS
 from .space import close, encode, tell
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,13 @@ Evaluate = Callable[[list[np.ndarray]], list[float]]  # value arrays -> their lo
 
 
 def entry_loss(entry: dict) -> float:
-    """The loss a journal entry was told: minus its objective, or FAILED_LOSS for a failed candidate."""
-    return FAILED_LOSS if entry["failed"] else -entry["objective"]
+    """The loss a journal entry was told: minus its objective; FAILED_LOSS for a failed candidate; for one that
+    breaks a bound on a set-level term, INFEASIBLE_LOSS plus its violation (objective.py)."""
+    if entry["failed"]:
+        return FAILED_LOSS
+    if not entry.get("feasible", True):
+        return INFEASIBLE_LOSS + entry["violation"]
+    return -entry["objective"]
 
 
 def key(values: Any) -> bytes:

@@ -85,7 +85,14 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--prompts", "prompts", default=None, help="Prompt file, one per line; default: the embedded default's.")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--reward", default=None, help="Reward spec: clip, pickscore, hpsv2, aesthetic, imagereward, digits, "
-              "name@source, python:module:function, or a weighted sum 'imagereward=1,hpsv2=5'.")
+              "digits-kernel, name@source, python:module:function, or a weighted sum 'imagereward=1,hpsv2=5', which may "
+              "hold the set-level terms diversity and frechet (ratios to the baseline's): 'digits=1,diversity=0.2'.")
+@click.option("--require", "requires", multiple=True,
+              help="A bound on a set-level term, relative to the baseline's: diversity>=0.97, frechet<=1 (repeatable).")
+@click.option("--features", default=None, help="Features for the set-level terms (diversity, frechet): digits, or a "
+              "CLIP or DINOv2 model; default: digits on the embedded default, else openai/clip-vit-large-patch14.")
+@click.option("--reference", default=None, help="Folder of reference images for the frechet term; default: the "
+              "embedded default's real held-out digits.")
 @click.option("--targets", multiple=True, help="Preset (paper, attention, resnets, branches) or glob; repeatable.")
 @click.option("--space", type=click.Choice(["binary", "gates", "groups"]), default=None)
 @click.option("--groups", type=int, default=None, help="Channel groups per layer (groups space; default 4).")
@@ -128,7 +135,7 @@ def search(recipe: str | None, **flags) -> None:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=cfg.budget, initial=entry["i"], desc="search", unit="eval", dynamic_ncols=True)
-        if not entry["failed"]:
+        if not entry["failed"] and entry.get("feasible", True):  # the best a mask file could hold
             shown["best"] = max(shown["best"], entry["reward"])
         shown["hits"] += entry["cache_hits"]
         shown["calls"] += entry["cache_hits"] + entry["unet_calls"]

@@ -39,6 +39,9 @@ class SearchConfig:
     prompts: str | None = None  # prompt file; resolved: the embedded default's prompts, on that model only
     model: str = EMBEDDED  # hub id, local folder, or maskopt:default (the digits pipeline in the package)
     reward: str | None = None  # reward spec; resolved: "digits" on the embedded default, "clip" otherwise
+    requires: list[str] = field(default_factory=list)  # bounds on set-level terms, e.g. diversity>=0.97 (objective.py)
+    features: str | None = None  # for set-level terms; resolved: digits on the embedded default, else CLIP ViT-L/14
+    reference: str | None = None  # images for the frechet term; resolved: maskopt:default (its held-out digits), else "none"
     targets: list[str] = field(default_factory=lambda: ["paper"])  # presets or module-name globs
     space: str = "gates"  # binary | gates | groups
     groups: int | None = None  # channel groups per layer; resolved: 4 in the groups space, else 1 (whole layers)
@@ -146,10 +149,11 @@ def _coerce(name: str, value: Any) -> Any:
         return parse_size(value)
     if name == "gate_range":
         return parse_range(value)
-    if name == "targets":
+    if name in ("targets", "requires"):
         value = [value] if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
-        if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
-            raise MaskoptError(f"targets {value!r}: give a preset or glob, or a list of them")
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value) or (name == "targets" and not value):
+            raise MaskoptError(f"{name} {value!r}: give " + ("a preset or glob, or a list of them" if name == "targets"
+                                                             else "a bound such as diversity>=0.97, or a list of them"))
         return value
     allowed = _TYPES[name]
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
@@ -218,6 +222,7 @@ def complete(cfg: SearchConfig) -> SearchConfig:
     The pipeline's own sampler and image size are read from its config files (no weights are loaded).
     """
     from . import default
+    from .features import CLIP_DEFAULT
     from .models import check_scheduler, pipeline_info
     from .space import default_optimizer
 
@@ -236,6 +241,8 @@ def complete(cfg: SearchConfig) -> SearchConfig:
             fill["holdout_prompts"] = str(default.HOLDOUT_PROMPTS_PATH)
     fill.setdefault("holdout_prompts", cfg.holdout_prompts or fill.get("prompts") or cfg.prompts)
     fill["reward"] = cfg.reward or ("digits" if embedded else "clip")
+    fill["features"] = cfg.features or ("digits" if embedded else CLIP_DEFAULT)
+    fill["reference"] = cfg.reference or (EMBEDDED if embedded else "none")
     fill["optimizer"] = cfg.optimizer or default_optimizer(cfg.space)
     fill["groups"] = cfg.groups or (4 if cfg.space == "groups" else 1)
     if cfg.scheduler is not None:

@@ -23,7 +23,7 @@ import math
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -45,6 +45,7 @@ class Evaluation:
     cache_hits: int  # U-Net calls replayed from the cache
     unet_calls: int  # U-Net calls actually run
     images: torch.Tensor | None = None
+    measures: dict[str, float] = field(default_factory=dict)  # set-level terms of its images (objective.py)
 
     @property
     def failed(self) -> bool:
@@ -232,8 +233,10 @@ class Evaluator:
         size: tuple[int, int] | None = None,
         cache: TrajectoryCache | None = None,
         batch_size: int = 0,
+        measure: Callable[[torch.Tensor], dict[str, float]] | None = None,
     ) -> None:
         self.pipe, self.reward, self.template = pipe, reward, template
+        self.measure = measure  # images of one candidate -> its set-level terms (search.set_measure)
         self.prompts, self.seeds = list(prompts), list(seeds)
         self.steps, self.guidance, self.size = steps, guidance, size
         self.cache = cache
@@ -275,7 +278,9 @@ class Evaluator:
         for c in range(w):
             rewards = [float(r) for r in scores[c * n:(c + 1) * n]]
             mean = float(np.mean(rewards)) if all(math.isfinite(r) for r in rewards) else float("nan")
-            results.append(Evaluation(mean, rewards, seconds, hits[c], calls[c], per[c] if keep_images else None))
+            measures = self.measure(per[c]) if self.measure is not None else {}
+            results.append(Evaluation(mean, rewards, seconds, hits[c], calls[c], per[c] if keep_images else None,
+                                      measures))
         return results
 
     @torch.no_grad()

@@ -67,6 +67,16 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path) -> None:
     img.save(path)
 
 
+def _set_terms(cfg: SearchConfig, p: dict) -> str:
+    """The lines on set-level terms: the bounds, how many candidates broke them, the held-out ratios."""
+    if "holdout_measures" not in p:
+        return ""
+    held = ", ".join(f"{t} {m['ratio']:.3f} of the baseline's" for t, m in p["holdout_measures"].items())
+    bounds = ", ".join(cfg.requires) or "none"
+    return (f"\n- set-level terms: bounds {bounds}; {p['infeasible']} candidates broke them (never chosen); "
+            f"held-out, the chosen masks: {held}")
+
+
 def write_report(
     out: Path,
     cfg: SearchConfig,
@@ -109,7 +119,7 @@ def write_report(
 
 - model: `{cfg.model}`, reward: `{p['reward']}`, space: `{cfg.space}`, optimizer: `{p['optimizer']}`{runs} ({cfg.strategy})
 - {len(masks.units)} units x {len(masks.buckets)} buckets, {removed} (bucket, unit) values at 0
-- {len(entries)} evaluations, {sum(e['seconds'] for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls
+- {len(entries)} evaluations, {sum(e['seconds'] for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls{_set_terms(cfg, p)}
 - sampler (recorded in masks.json; generate and export default to it): {masks.sampler.describe()}, {cfg.dtype}
 
 ## Reward versus evaluations

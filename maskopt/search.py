@@ -32,6 +32,7 @@ from .errors import MaskoptError
 from .evaluate import Evaluation, Evaluator, TrajectoryCache
 from .journal import Journal, read
 from .maskset import MaskSet
+from .objective import Objective
 from .prompts import read_prompts
 from .sampler import Sampler
 from .space import optimizer, space
@@ -75,14 +76,66 @@ def prepare(cfg: SearchConfig) -> Inputs:
     if len(holdout) * cfg.holdout_seeds < 2:  # one pair has no spread: its "interval" would be a single point
         raise MaskoptError(f"the held-out check needs at least 2 images: {len(holdout)} held-out prompt(s) x "
                            f"--holdout-seeds {cfg.holdout_seeds}; raise --holdout-seeds")
+    objective = Objective.parse(cfg.reward, cfg.requires)
     for file, ps in ((cfg.prompts, prompts), (cfg.holdout_prompts, holdout)):
-        rewards.check(cfg.reward, ps, where=f"prompt file {file}")
+        rewards.check(objective.reward, ps, where=f"prompt file {file}")
+    if objective.measures:
+        _check_set_terms(objective, cfg, min(len(holdout) * cfg.holdout_seeds, len(prompts) * cfg.seeds))
     check(cfg.space, cfg.gate_range, cfg.optimizer, cfg.workers)
     check_device(cfg.device)
     out = Path(cfg.out)
     fresh = not (out.is_dir() and any(out.iterdir()))
     created = _check_out(out, cfg, {"prompts": prompts, "holdout": holdout})
     return Inputs(prompts, holdout, out, fresh, created)
+
+
+def _check_set_terms(objective: Objective, cfg: SearchConfig, images: int) -> None:
+    """What the set-level terms need, named before any model loads."""
+    from .features import image_files
+    from .models import EMBEDDED
+    from .sources import local_or_hub
+
+    if "diversity" in objective.measures and cfg.seeds < 2:
+        raise MaskoptError("the diversity term compares the seeds of a prompt: it needs --seeds 2 or more")
+    if "frechet" in objective.measures:
+        if cfg.reference == "none":
+            raise MaskoptError("the frechet term needs --reference DIR, a folder of images to compare with")
+        if cfg.reference != EMBEDDED:
+            image_files(cfg.reference)
+        if images < 2:
+            raise MaskoptError("the frechet term needs at least 2 images per evaluation")
+    if cfg.features != "digits":
+        local_or_hub(cfg.features, "features model")
+
+
+def set_measure(objective: Objective, cfg: SearchConfig, size: tuple[int, int]) -> Callable[[int], Any]:
+    """`measure_for(n_prompts)`: a function from one candidate's images ((seed, prompt) order) to the set-level
+    terms the objective uses, or None when it uses none. The feature model loads once, here."""
+    if not objective.measures:
+        return lambda n_prompts: None
+    from .default.data import load_split
+    from .features import load_features, load_images
+    from .measures import diversity, frechet
+    from .models import EMBEDDED
+
+    features = load_features(cfg.features, cfg.device)
+    reference = None
+    if "frechet" in objective.measures:  # real held-out digits for the embedded default
+        reference = features(load_split("holdout")[0] if cfg.reference == EMBEDDED else load_images(cfg.reference, size))
+
+    def measure_for(n_prompts: int) -> Callable[[Any], dict[str, float]]:
+        def measure(images: Any) -> dict[str, float]:
+            f = features(images)
+            out = {}
+            if "diversity" in objective.measures:
+                out["diversity"] = float(diversity(f, n_prompts).mean())
+            if "frechet" in objective.measures:
+                out["frechet"] = frechet(f, reference)
+            return out
+
+        return measure
+
+    return measure_for
 
 
 def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> Path | None:
@@ -166,7 +219,9 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         pipe, template = load_model(cfg)
         units, buckets = template.units, template.buckets
         counts = bucket_steps(pipe, buckets, cfg.steps)
-        reward = load_reward(cfg.reward, cfg.device)
+        objective = Objective.parse(cfg.reward, cfg.requires)
+        reward = load_reward(objective.reward, cfg.device)
+        measure_for = set_measure(objective, cfg, cfg.size)
         logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), cfg.reward)
     except BaseException:
         if inputs.fresh:
@@ -174,7 +229,8 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         raise
 
     evaluator = Evaluator(pipe, reward, template, inputs.prompts, range(cfg.seeds), cfg.steps, cfg.guidance,
-                          cfg.size, TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size)
+                          cfg.size, TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size,
+                          measure_for(len(inputs.prompts)))
 
     # 3. The ask/tell loop, journaled.
     header = {"config": cfg.settings(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
@@ -188,10 +244,14 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     recompute = [sum(counts[: k + 1]) / sum(counts) for k in range(len(buckets))]
 
     def record(values: np.ndarray, ev: Evaluation) -> dict:
-        objective = ev.reward + cfg.sparsity * float((values == 0).sum()) / len(buckets)
-        entry = {"i": len(entries), "values": values.tolist(), "reward": ev.reward, "objective": objective,
+        reward_part = ev.reward + cfg.sparsity * float((values == 0).sum()) / len(buckets)
+        entry = {"i": len(entries), "values": values.tolist(), "reward": ev.reward, "objective": reward_part,
                  "failed": ev.failed, "rewards": ev.per_prompt(len(inputs.prompts)) if not ev.failed else ev.rewards,
                  "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits, "unet_calls": ev.unet_calls}
+        if objective.measures:  # set-level terms, each relative to the baseline's (the first entry)
+            score = objective.score(reward_part, ev.measures, entries[0]["measures"] if entries else ev.measures)
+            entry.update(objective=score.objective, measures=ev.measures, ratios=score.ratios,
+                         feasible=score.feasible, violation=score.violation)
         journal.append(entry)  # flushed before the next evaluation starts
         entries.append(entry)
         if progress:
@@ -235,7 +295,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     best = min((e for e in entries if not e["failed"]), key=entry_loss, default=baseline)
     holdout_eval = Evaluator(pipe, reward, template, inputs.holdout,
                              range(HOLDOUT_SEED0, HOLDOUT_SEED0 + cfg.holdout_seeds), cfg.steps, cfg.guidance,
-                             cfg.size, None, cfg.batch_size)
+                             cfg.size, None, cfg.batch_size, measure_for(len(inputs.holdout)))
     base_ev = holdout_eval(np.asarray(baseline["values"]), keep_images=True)
     best_ev = holdout_eval(np.asarray(best["values"]), keep_images=True)
     if base_ev.failed or best_ev.failed:
@@ -253,6 +313,10 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         evaluations=len(entries), best_evaluation=best["i"], search_reward=best["reward"],
         baseline_search_reward=baseline["reward"], holdout=holdout.to_dict(),
         holdout_prompts=cfg.holdout_prompts, config=cfg.to_dict(),
+        **({"holdout_measures": {t: {"baseline": base_ev.measures[t], "masked": best_ev.measures[t],
+                                     "ratio": objective.score(0, best_ev.measures, base_ev.measures).ratios[t]}
+                                 for t in objective.measures},
+            "infeasible": sum(not e.get("feasible", True) for e in entries)} if objective.measures else {}),
     )
     masks_path = masks.save(out / "masks.json")
     from .report import write_report
