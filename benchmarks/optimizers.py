@@ -30,7 +30,7 @@ from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline
 from maskopt.search import run_search
 from maskopt.stats import paired
-from testbed_gain import freeu_rows, held_out, versus
+from testbed_gain import freeu_rows, held_out, pick_freeu, versus
 
 CANDIDATES = {
     "gates": ["NGOpt", "CMA", "OnePlusOne", "TwoPointsDE", "PSO"],
@@ -69,7 +69,8 @@ def main() -> None:
         if ev is None:  # the baseline and FreeU's grid, once, on the same held-out images as every row
             ev = held_out(pipe, masks, cfg, args.seeds)
             base = ev(np.ones_like(masks.values), keep_images=True)
-            freeu = max(freeu_rows(pipe, ev), key=lambda row: versus(base, row[1])[0].diff)
+            picked = pick_freeu(pipe, masks, cfg)  # on the search prompts x seeds, never on the held-out images
+            freeu = next(row for row in freeu_rows(pipe, ev) if row[0] == picked)
             pf, ff = versus(base, freeu[1])
             print(f"{'(baseline Frechet ' + format(versus(base, base)[1], '.3f') + ')':26} "
                   f"{'best FreeU: ' + freeu[0][6:]:26} {'':>8} {pf.diff:+.4f} [{pf.ci_low:+.4f}, {pf.ci_high:+.4f}] "

@@ -31,15 +31,13 @@ from maskopt.config import SearchConfig, complete, resolve
 from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward, frechet_distance
 from maskopt.evaluate import Evaluation, Evaluator
+from maskopt.freeu import GRID, enabled
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline
 from maskopt.prompts import read_prompts
 from maskopt.search import run_search
 from maskopt.stats import Paired, paired
 
-# SD1.5's suggested setting, two milder ones, and backbone-only scalings (s = 1: no Fourier filter).
-FREEU_GRID = [(0.9, 0.2, 1.5, 1.6), (0.9, 0.2, 1.2, 1.4), (1.0, 1.0, 1.1, 1.2), (0.6, 0.4, 1.1, 1.2),
-              (1.0, 1.0, 1.2, 1.4), (1.0, 1.0, 1.3, 1.6)]
 
 
 def main() -> None:
@@ -93,17 +91,15 @@ def main() -> None:
         print(f"{name:42} {np.mean(r.rewards):7.4f} {ci:>32} {fd:8.3f}")
     # FreeU's best is picked on the search's own prompts and seeds, as the masks were: never on the images it is
     # judged on. The setting best on the held-out images themselves is printed too, as FreeU's upper bound.
-    search_ev = Evaluator(pipe, DigitReward(device=cfg.device), masks, read_prompts(cfg.prompts), range(cfg.seeds),
-                          cfg.steps, cfg.guidance, cfg.size)
-    picked = max(freeu_rows(pipe, search_ev), key=lambda row: np.mean(row[1].rewards))[0]
+    picked = pick_freeu(pipe, masks, cfg)
     upper = max((k for k in results if k.startswith("FreeU")), key=lambda k: results[k][0].diff)
     (pm, fm), (pf, ff) = results["maskopt"], results[picked]
     _, fb = results["baseline"]
     evals = dict(rows)
     print(f"\nmaskopt: {pm.describe()}; Frechet {fb:.3f} -> {fm:.3f}")
-    print(f"best FreeU, picked on the search prompts x seeds ({picked[6:]}): {pf.describe()}; Frechet {ff:.3f}")
+    print(f"best FreeU, picked on the search prompts x seeds ({picked}): {pf.describe()}; Frechet {ff:.3f}")
     print(f"maskopt - best FreeU: {paired(evals[picked].rewards, evals['maskopt'].rewards).describe()}")
-    print(f"(FreeU's best on these held-out images themselves, {upper[6:]}: maskopt - it "
+    print(f"(FreeU's best on these held-out images themselves, {upper}: maskopt - it "
           f"{paired(evals[upper].rewards, evals['maskopt'].rewards).describe()})")
     goal = pm.ci_low > 0 and pm.diff >= 0.05 and fm <= fb
     print(f"goal (gain >= 0.05, CI above 0, Frechet not worse): {'met' if goal else 'NOT met'}")
@@ -136,15 +132,21 @@ def held_out(pipe, masks: MaskSet, cfg: SearchConfig, seeds: int) -> Evaluator:
 
 
 def freeu_rows(pipe, ev: Evaluator) -> list[tuple[str, Evaluation]]:
-    """The all-ones U-Net under every FreeU setting of the grid, on `ev`'s images."""
+    """The all-ones U-Net under every FreeU setting of maskopt.freeu.GRID (the grid `maskopt eval` picks from)."""
     rows = []
-    for s1, s2, b1, b2 in FREEU_GRID:
-        pipe.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
-        try:
-            rows.append((f"FreeU s1={s1} s2={s2} b1={b1} b2={b2}", ev(np.ones_like(ev.template.values), keep_images=True)))
-        finally:
-            pipe.unet.disable_freeu()
+    for setting in GRID:
+        with enabled(pipe.unet, setting):
+            rows.append((f"FreeU {setting}", ev(np.ones_like(ev.template.values), keep_images=True)))
     return rows
+
+
+def pick_freeu(pipe, masks: MaskSet, cfg: SearchConfig) -> str:
+    """The grid's best setting on the search prompts x seeds under the search's reward, never on held-out images."""
+    from maskopt.rewards import load_reward
+
+    search_ev = Evaluator(pipe, load_reward(cfg.reward, cfg.device), masks, read_prompts(cfg.prompts),
+                          range(cfg.seeds), cfg.steps, cfg.guidance, cfg.size)
+    return max(freeu_rows(pipe, search_ev), key=lambda row: np.mean(row[1].rewards))[0]
 
 
 def versus(base: Evaluation, r: Evaluation) -> tuple[Paired, float]:

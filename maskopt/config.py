@@ -245,6 +245,11 @@ def complete(cfg: SearchConfig) -> SearchConfig:
     fill["reference"] = cfg.reference or (EMBEDDED if embedded else "none")
     fill["optimizer"] = cfg.optimizer or default_optimizer(cfg.space)
     fill["groups"] = cfg.groups or (4 if cfg.space == "groups" else 1)
+    # files that exist are recorded by absolute path: a mask file's provenance is read from other folders (eval)
+    for name in ("prompts", "holdout_prompts", "reference"):
+        value = fill.get(name, getattr(cfg, name))
+        if value and value not in (EMBEDDED, "none") and Path(value).expanduser().exists():
+            fill[name] = str(Path(value).expanduser().resolve())
     if cfg.scheduler is not None:
         check_scheduler(cfg.scheduler)
     if cfg.scheduler is None or cfg.size is None:

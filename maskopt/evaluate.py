@@ -36,6 +36,8 @@ from .maskset import MaskSet
 
 logger = logging.getLogger(__name__)
 
+UNSEEN_SEED0 = 1000  # held-out checks and eval sample with seeds from here, far from a search's seeds 0..S-1
+
 
 @dataclass
 class Evaluation:
@@ -49,7 +51,8 @@ class Evaluation:
 
     @property
     def failed(self) -> bool:
-        return not all(math.isfinite(r) for r in self.rewards)
+        """A reward or a set-level measure that is NaN or inf: the candidate cannot be compared."""
+        return not all(math.isfinite(r) for r in [*self.rewards, *self.measures.values()])
 
     def per_prompt(self, n_prompts: int) -> list[float]:
         return np.asarray(self.rewards).reshape(-1, n_prompts).mean(0).tolist()

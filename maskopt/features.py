@@ -73,15 +73,24 @@ def _dino(where: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The images of a reference folder (png, jpg, webp, bmp), at least 2; MaskoptError naming what is wrong."""
+    """The images of a reference folder (png, jpg, webp, bmp), at least 2, each readable; MaskoptError naming
+    what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MaskoptError(f"reference folder {folder} does not exist" if not folder.exists()
                            else f"reference {folder} is a file; give a folder of images")
+    from PIL import Image
+
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise MaskoptError(f"reference folder {folder} holds {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); "
                            "a Frechet distance needs at least 2")
+    for path in files:  # a header check: a truncated or mislabelled file fails here, before any model loads
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many kinds for a bad file
+            raise MaskoptError(f"reference image {path} cannot be read ({type(e).__name__}: {e})") from None
     return files
 
 

@@ -16,10 +16,11 @@ bounds them: `diversity>=0.97` keeps at least 97% of the baseline's diversity, `
 images no further from the reference than the baseline's.
 
 A candidate that breaks a bound is infeasible: journaled with its violation (the sum of how far past
-each bound it is, in ratio units) and told to the optimizer as INFEASIBLE_LOSS + violation, worse than
-every feasible candidate and worse the further it is past, so (1+1) optimizers never step onto it and
-model-based ones (COBYLA) still see which way is feasible. It is never chosen. The baseline meets every
-bound by construction (its ratios are 1), so a bound it would break is refused.
+each bound it is, in ratio units) and told to the optimizer as INFEASIBLE_LOSS + violation: worse than
+every feasible candidate whose objective is below INFEASIBLE_LOSS in size (any reward maskopt ships),
+and worse the further it is past, so a (1+1) optimizer never makes it its parent. It is never chosen.
+The baseline meets every bound by construction (its ratios are 1), so a bound it would break is refused.
+A candidate whose measures are not finite (NaN images) is a failed candidate, as for a NaN reward.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Mapping, Sequence
 from .errors import MaskoptError
 
 SET_TERMS = ("diversity", "frechet")
-INFEASIBLE_LOSS = 1e3  # above any feasible loss (objectives are rewards of order 1), below a failed one (1e6)
+INFEASIBLE_LOSS = 1e5  # above any feasible loss (|objective| well below it), below a failed candidate's (1e6)
 _BOUND = re.compile(r"\s*([a-z]+)\s*(>=|<=)\s*([0-9.eE+-]+)\s*")
 
 
@@ -80,9 +81,12 @@ class Objective:
             name, _, weight = term.rpartition("=") if "=" in term else (term, "", "1")
             if name.strip() in SET_TERMS:
                 try:
-                    weights[name.strip()] = float(weight)
+                    w = float(weight)
                 except ValueError:
-                    raise MaskoptError(f"bad weight '{weight}' in reward term '{term}': give a finite number") from None
+                    w = math.nan
+                if not math.isfinite(w):
+                    raise MaskoptError(f"bad weight '{weight}' in reward term '{term}': give a finite number")
+                weights[name.strip()] = w
             else:
                 kept.append(term)
         if not kept:

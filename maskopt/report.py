@@ -27,7 +27,7 @@ def _plt():
 
 def plot_progress(entries: Sequence[dict], path: Path) -> None:
     plt = _plt()
-    r = np.array([e["reward"] if not e["failed"] else np.nan for e in entries])
+    r = np.array([e["reward"] if not e["failed"] and e.get("feasible", True) else np.nan for e in entries])
     best = np.fmax.accumulate(np.nan_to_num(r, nan=-np.inf))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(r, ".", alpha=0.5, label="candidate")

@@ -18,18 +18,20 @@ with, so generate and export default to it.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from .asktell import AskTell, entry_loss
 from .buckets import Buckets
 from .config import SearchConfig, complete
 from .errors import MaskoptError
-from .evaluate import Evaluation, Evaluator, TrajectoryCache
+from .evaluate import UNSEEN_SEED0, Evaluation, Evaluator, TrajectoryCache
 from .journal import Journal, read
 from .maskset import MaskSet
 from .objective import Objective
@@ -41,7 +43,6 @@ from .sweep import BucketSweep
 
 logger = logging.getLogger(__name__)
 
-HOLDOUT_SEED0 = 1000  # validation seeds start here, far from the search seeds 0..S-1
 
 
 @dataclass
@@ -95,8 +96,9 @@ def _check_set_terms(objective: Objective, cfg: SearchConfig, images: int) -> No
     from .models import EMBEDDED
     from .sources import local_or_hub
 
-    if "diversity" in objective.measures and cfg.seeds < 2:
-        raise MaskoptError("the diversity term compares the seeds of a prompt: it needs --seeds 2 or more")
+    if "diversity" in objective.measures and min(cfg.seeds, cfg.holdout_seeds) < 2:
+        raise MaskoptError("the diversity term compares the seeds of a prompt: it needs --seeds and --holdout-seeds "
+                           f"of 2 or more (got {cfg.seeds} and {cfg.holdout_seeds})")
     if "frechet" in objective.measures:
         if cfg.reference == "none":
             raise MaskoptError("the frechet term needs --reference DIR, a folder of images to compare with")
@@ -125,6 +127,8 @@ def set_measure(objective: Objective, cfg: SearchConfig, size: tuple[int, int]) 
 
     def measure_for(n_prompts: int) -> Callable[[Any], dict[str, float]]:
         def measure(images: Any) -> dict[str, float]:
+            if not torch.isfinite(images).all():  # NaN images: no measure (the candidate is failed)
+                return {t: math.nan for t in objective.measures}
             f = features(images)
             out = {}
             if "diversity" in objective.measures:
@@ -292,9 +296,9 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
 
     # 4. Best candidate vs baseline on held-out prompts and unseen seeds.
     baseline = entries[0]
-    best = min((e for e in entries if not e["failed"]), key=entry_loss, default=baseline)
+    best = min((e for e in entries if not e["failed"] and e.get("feasible", True)), key=entry_loss, default=baseline)
     holdout_eval = Evaluator(pipe, reward, template, inputs.holdout,
-                             range(HOLDOUT_SEED0, HOLDOUT_SEED0 + cfg.holdout_seeds), cfg.steps, cfg.guidance,
+                             range(UNSEEN_SEED0, UNSEEN_SEED0 + cfg.holdout_seeds), cfg.steps, cfg.guidance,
                              cfg.size, None, cfg.batch_size, measure_for(len(inputs.holdout)))
     base_ev = holdout_eval(np.asarray(baseline["values"]), keep_images=True)
     best_ev = holdout_eval(np.asarray(best["values"]), keep_images=True)

@@ -68,12 +68,19 @@ def test_eval_through_the_cli_with_clip_features_and_a_reference(tiny, tmp_path)
         assert masked["judges"][judge]["vs_baseline"] == paired(scores["baseline"], scores["masks"]).to_dict()
         assert masked["judges"][judge]["vs_freeu"] == paired(scores["freeu"], scores["masks"]).to_dict()
     assert base["diversity"]["ratio"] == 1.0 and len(base["diversity"]["per_prompt"]) == 3
-    assert freeu["diversity"]["ratio_ci"][0] <= freeu["diversity"]["ratio"] <= freeu["diversity"]["ratio_ci"][1]
+    per_prompt = {c["kind"]: c["diversity"]["per_prompt"] for c in data["conditions"]}
+    for key, other in (("vs_baseline", "baseline"), ("vs_freeu", "freeu")):  # per prompt, against both
+        want = paired(per_prompt[other], per_prompt["masks"]).to_dict()
+        assert {k: v for k, v in masked["diversity"][key].items() if k != "in_baseline_units"} == want
+    assert masked["diversity"]["vs_baseline"]["in_baseline_units"][0] == pytest.approx(masked["diversity"]["ratio"] - 1, abs=1e-6)  # float32 means
     assert all(c["frechet"]["value"] > 0 for c in data["conditions"])
-    lo, hi = masked["frechet"]["vs_baseline"]["ci_low"], masked["frechet"]["vs_baseline"]["ci_high"]
-    assert lo <= masked["frechet"]["vs_baseline"]["diff"] <= hi or lo == hi
+    for key in ("vs_baseline", "vs_freeu"):  # a permutation test's p-value, not a bootstrap interval
+        fd = masked["frechet"][key]
+        assert 0 < fd["p"] <= 1 and set(fd) == {"diff", "p"}
+    assert masked["frechet"]["vs_baseline"]["diff"] == pytest.approx(masked["frechet"]["value"] - base["frechet"]["value"])
     report = (out / "report.md").read_text()
     assert "| run |" in report and "picked" not in report and "(--freeu 1.3,1.6,1,1)" in report
+    assert "## Each mask file against FreeU" in report and "permutation test" in report
     assert Image.open(out / "grid.png").size[1] >= 3 * 16  # a row per condition
 
 
@@ -99,6 +106,7 @@ def test_eval_picks_freeu_on_the_search_data_not_on_the_images_it_judges(tiny, t
     with enabled(pipe.unet, FreeU(**picked["setting"])):
         assert ev(np.ones_like(masks.values)).reward == means[str(FreeU(**picked["setting"]))]
     assert picked["picked_by"] == "python:reward_fns:brightness" and "seeds 0..0" in picked["picked_on"]
+    assert picked["requires"] == [] and all(picked["search_feasible"].values())
 
 
 def test_eval_on_the_embedded_default(readme_run):
@@ -120,11 +128,17 @@ def test_eval_on_the_embedded_default(readme_run):
     (["--reward", "clipp"], "unknown reward 'clipp'"),
     (["--prompts", "nope.txt"], "prompt file nope.txt does not exist"),
     (["--out", "a-file"], "--out a-file is a file, not a folder"),
+    (["--batch-size", "-1"], "--batch-size must be 0 (all at once) or more, got -1"),
+    (["--features", "./no-such-model"], "features model './no-such-model' is not a path that exists"),
+    (["--reference", "broken"], "reference image broken/0.png cannot be read"),
 ])
 def test_eval_bad_input_is_one_line_before_any_model_loads(tiny, tmp_path, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "broken").mkdir()
+    for name in ("0.png", "1.png"):
+        (tmp_path / "broken" / name).write_bytes(b"not a png")
 
     def no_model(*a, **k):
         raise AssertionError("the pipeline was loaded before the inputs were checked")
@@ -141,3 +155,36 @@ def test_eval_refuses_a_mask_file_for_another_model(tiny, tmp_path):
     r = CliRunner().invoke(main, ["eval", "--masks", str(tiny / "run" / "masks.json"), "--model", str(xl), "--seeds", "2",
                                   "--features", str(tiny / "clip"), "--freeu", "none", "--out", str(tmp_path / "e")])
     assert r.exit_code == 1 and "masks were made for U-Net" in r.output and not (tmp_path / "e").exists()
+
+
+def test_eval_of_a_search_with_set_terms_judges_its_reward_and_picks_freeu_under_its_bounds(tiny, tmp_path):
+    """The searched reward's per-image part is the judge; FreeU is picked under the search's own objective and bounds."""
+    run = tmp_path / "run"
+    r = CliRunner().invoke(main, ["search", "--prompts", str(tiny / "p.txt"), "--model", str(tiny / "sd"), "--reward",
+                                  "python:reward_fns:brightness=1,diversity=0.05", "--require", "diversity>=0.5",
+                                  "--features", str(tiny / "clip"), "--buckets", "2", "--steps", "4", "--guidance", "3",
+                                  "--seeds", "2", "--holdout-seeds", "2", "--budget", "3", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["eval", "--masks", str(run / "masks.json"), "--seeds", "2", "--features",
+                                  str(tiny / "clip"), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert data["settings"]["judges"] == ["python:reward_fns:brightness"]
+    assert data["freeu"]["requires"] == ["diversity>=0.5"] and len(data["freeu"]["search_feasible"]) == 6
+
+
+def test_dinov2_features_and_a_model_of_another_kind(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    from maskopt.errors import MaskoptError
+    from maskopt.features import load_features
+
+    config = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+                  patch_size=8)
+    Dinov2Model(Dinov2Config(**config)).save_pretrained(tmp_path / "dino")
+    features = load_features(str(tmp_path / "dino"))
+    images = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    assert features(images).shape == (3, 16) and not torch.allclose(features(images)[0], features(images)[1])
+    ViTModel(ViTConfig(**config)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(MaskoptError, match="is a 'vit' model; give a CLIP or DINOv2 model"):
+        load_features(str(tmp_path / "vit"))
