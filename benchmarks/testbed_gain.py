@@ -4,6 +4,7 @@
     python benchmarks/testbed_gain.py --recipe R.yaml --budget 150 --seeds 10
     python benchmarks/testbed_gain.py --strategy sweep --budget 400 --seeds 10
     python benchmarks/testbed_gain.py --masks RUN/masks.json --seeds 10      # judge a finished search
+    python benchmarks/testbed_gain.py --targets freeu paper --init freeu     # FreeU's b factors in the search, from FreeU
 
 1. Runs `maskopt search` with the default settings (or a recipe) into a temporary folder.
 2. On the held-out prompts x unseen seeds (1000..1000+S-1), samples baseline, maskopt's masks, and
@@ -48,7 +49,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10, help="unseen seeds per held-out prompt")
     ap.add_argument("--out", default=None)
     ap.add_argument("--space", default=None)
-    ap.add_argument("--targets", nargs="*", default=None)
+    ap.add_argument("--targets", nargs="*", default=None, help="e.g. --targets freeu paper: FreeU's b factors beside the masks")
+    ap.add_argument("--init", nargs="*", default=None, help="starting points, e.g. --init freeu")
+    ap.add_argument("--require", nargs="*", default=None, help="bounds on set-level terms, e.g. --require 'diversity>=0.97'")
     ap.add_argument("--optimizer", default=None)
     ap.add_argument("--strategy", default=None, help="joint (default) or sweep")
     ap.add_argument("--workers", type=int, default=None, help="candidates evaluated together")
@@ -68,6 +71,7 @@ def main() -> None:
         out = args.out or tempfile.mkdtemp(prefix="maskopt-testbed-")
         cfg = resolve(args.recipe, budget=args.budget, out=out, space=args.space,
                       targets=tuple(args.targets) if args.targets else None, optimizer=args.optimizer,
+                      init=tuple(args.init) if args.init else None, requires=tuple(args.require) if args.require else None,
                       strategy=args.strategy, workers=args.workers, device=args.device)
         t0 = time.perf_counter()
         masks_path = run_search(cfg).masks_path

@@ -21,7 +21,8 @@ search goes on from what was learned.
 
 The objective is exact (the same seeds for every candidate), so a candidate proposed again is told its
 known loss and costs no evaluation. The all-ones baseline is evaluated first and told as a point the
-optimizer did not ask.
+optimizer did not ask; then the starting points (`init`, e.g. FreeU's settings), the same way, and the
+best of all these becomes the optimizer's starting value: a (1+1) optimizer mutates it, COBYLA starts there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .objective import INFEASIBLE_LOSS
-from .space import close, encode, tell
+from .space import close, decode, encode, tell
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,11 @@ class Diverged(Exception):
 class AskTell:
     """Drives an optimizer (nevergrad's, or the bucket sweep) over `budget` evaluations of `shape` values."""
 
-    def __init__(self, make: Callable[[], Any], kind: str, shape: tuple[int, int], budget: int, workers: int) -> None:
+    def __init__(self, make: Callable[[], Any], kind: str, shape: tuple[int, int], budget: int, workers: int,
+                 backbone: Sequence[int] = (), init: Sequence[np.ndarray] = ()) -> None:
         self.make, self.kind, self.shape, self.budget, self.workers = make, kind, tuple(shape), budget, workers
+        self.backbone = tuple(backbone)  # columns of backbone units (space.py)
+        self.init = [np.asarray(v, dtype=np.float64).reshape(self.shape) for v in init]  # evaluated after the baseline
         self.opt = make()
         self.converged = False  # the optimizer proposed only evaluated candidates MAX_REPEATS times in a row
 
@@ -98,13 +102,25 @@ class AskTell:
         close(self.opt)
 
     def _loop(self, evaluate: Evaluate, known: dict[bytes, float] | None = None) -> dict[bytes, float]:
-        if not known:  # the baseline first: it is always a candidate
+        if not known:  # the baseline first: it is always a candidate; then the starting points
             ones = np.ones(self.shape)
             known = {key(ones): evaluate([ones])[0]}
             self._tell_unasked(ones, known[key(ones)])
+            start = list({key(v): v for v in self.init if key(v) != key(ones)}.values())  # each once, not the baseline
+            if len(start) < len(self.init):
+                logger.info("%d starting point(s) equal the baseline or another one: evaluated once",
+                            len(self.init) - len(start))
+            if len(start) > self.budget - 1:
+                logger.warning("the budget holds %d of the %d starting points", self.budget - 1, len(start))
+                start = start[: self.budget - 1]
+            for i in range(0, len(start), self.workers):  # in groups of --workers, as the optimizer's candidates
+                group = start[i:i + self.workers]
+                known.update(zip(map(key, group), evaluate(group)))
+                for v in group:
+                    self._tell_unasked(v, known[key(v)])
         while len(known) < self.budget:
             group, self.converged = ask_group(self.opt, self.kind, self.shape, known,
-                                              min(self.workers, self.budget - len(known)))
+                                              min(self.workers, self.budget - len(known)), self.backbone)
             todo = {k: values for _, k, values in group if k not in known}
             known.update(zip(todo, evaluate(list(todo.values())) if todo else []))
             for cand, k, _ in group:
@@ -116,7 +132,7 @@ class AskTell:
         return known
 
     def _tell_unasked(self, values: Any, loss: float) -> None:
-        child = self.opt.parametrization.spawn_child(new_value=encode(np.asarray(values), self.kind))
+        child = self.opt.parametrization.spawn_child(new_value=encode(np.asarray(values), self.kind, self.backbone))
         tell(self.opt, child, loss, self.kind)
 
 
@@ -136,7 +152,8 @@ class _JournalFirst:
         return [entry_loss(e) for e in replayed] + (self.evaluate(group[n:]) if n < len(group) else [])
 
 
-def ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, float], want: int) -> tuple[list, bool]:
+def ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, float], want: int,
+              backbone: Sequence[int] = ()) -> tuple[list, bool]:
     """Ask until the group holds `want` distinct candidates not evaluated yet; returns it and whether it converged.
 
     A proposal evaluated already is told its known loss at once and does not count (the objective is
@@ -152,7 +169,7 @@ def ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, fl
     # cannot teach the optimizer anything; past a few the group goes with what it has.
     while len(new) < want and repeats < MAX_REPEATS and twins < 4 * want:
         cand = opt.ask()
-        values = np.asarray(cand.value, dtype=np.float64).reshape(shape)
+        values = decode(cand.value, *shape, backbone)
         k = key(values)
         if k in known:
             tell(opt, cand, known[k], kind)

@@ -59,7 +59,7 @@ def _block_of(name: str) -> str:
 def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, list_units: bool) -> None:
     """List the maskable units of a pipeline's U-Net, grouped by block, with parameter counts."""
     from .models import EMBEDDED, load_unet
-    from .units import PRESETS, find_units, masked_params
+    from .units import KINDS, PRESETS, find_units, masked_params
 
     model = model or EMBEDDED
     unet = load_unet(model)
@@ -67,6 +67,9 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
     click.echo(f"U-Net {model}: {total / 1e6:.2f}M parameters")
     selections = [(t, [t]) for t in targets] if targets else [(p, [p]) for p in PRESETS]
     for label, tgt in selections:
+        if not targets and not PRESETS[label](unet):  # listing every preset: one this U-Net lacks shows as empty
+            click.echo(f"\n{label}: 0 units")
+            continue
         units = find_units(unet, tgt, groups=groups)
         n = masked_params(unet, units)
         click.echo(f"\n{label}: {len(units)} units, {n / 1e6:.2f}M masked weights ({100 * n / total:.1f}%)")
@@ -74,7 +77,7 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
         for u in units:
             by_block[_block_of(u.name)].append(u)
         for block, us in by_block.items():
-            kinds = ", ".join(f"{k} {sum(u.kind == k for u in us)}" for k in ("weight", "group", "branch") if any(u.kind == k for u in us))
+            kinds = ", ".join(f"{k} {sum(u.kind == k for u in us)}" for k in KINDS if any(u.kind == k for u in us))
             click.echo(f"  {block:<16} {len(us):>4} units  {masked_params(unet, us) / 1e6:8.3f}M  ({kinds})")
             if list_units:
                 for u in us:
@@ -93,7 +96,9 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
               "CLIP or DINOv2 model; default: digits on the embedded default, else openai/clip-vit-large-patch14.")
 @click.option("--reference", default=None, help="Folder of reference images for the frechet term; default: the "
               "embedded default's real held-out digits.")
-@click.option("--targets", multiple=True, help="Preset (paper, attention, resnets, branches) or glob; repeatable.")
+@click.option("--targets", multiple=True, help="Preset (paper, attention, resnets, branches, freeu) or glob; repeatable.")
+@click.option("--init", multiple=True, help="Start from: freeu (FreeU's backbone settings), B1,B2, or a mask file; "
+              "repeatable. Evaluated after the baseline.")
 @click.option("--space", type=click.Choice(["binary", "gates", "groups"]), default=None)
 @click.option("--groups", type=int, default=None, help="Channel groups per layer (groups space; default 4).")
 @click.option("--gate-range", default=None, help="Bounds of the gates space, LO:HI (default 0.75:1.25).")

@@ -43,6 +43,7 @@ class SearchConfig:
     features: str | None = None  # for set-level terms; resolved: digits on the embedded default, else CLIP ViT-L/14
     reference: str | None = None  # images for the frechet term; resolved: maskopt:default (its held-out digits), else "none"
     targets: list[str] = field(default_factory=lambda: ["paper"])  # presets or module-name globs
+    init: list[str] = field(default_factory=list)  # starting points: freeu, B1,B2, or mask files (starts.py)
     space: str = "gates"  # binary | gates | groups
     groups: int | None = None  # channel groups per layer; resolved: 4 in the groups space, else 1 (whole layers)
     gate_range: tuple[float, float] = (0.75, 1.25)  # gates space bounds (wider ranges bought reward with realism)
@@ -149,11 +150,12 @@ def _coerce(name: str, value: Any) -> Any:
         return parse_size(value)
     if name == "gate_range":
         return parse_range(value)
-    if name in ("targets", "requires"):
+    if name in ("targets", "requires", "init"):
         value = [value] if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
         if not isinstance(value, list) or not all(isinstance(t, str) for t in value) or (name == "targets" and not value):
-            raise MaskoptError(f"{name} {value!r}: give " + ("a preset or glob, or a list of them" if name == "targets"
-                                                             else "a bound such as diversity>=0.97, or a list of them"))
+            raise MaskoptError(f"{name} {value!r}: give " + {"targets": "a preset or glob, or a list of them",
+                                                             "requires": "a bound such as diversity>=0.97, or a list of them",
+                                                             "init": "freeu, B1,B2 or a mask file, or a list of them"}[name])
         return value
     allowed = _TYPES[name]
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
@@ -250,6 +252,8 @@ def complete(cfg: SearchConfig) -> SearchConfig:
         value = fill.get(name, getattr(cfg, name))
         if value and value not in (EMBEDDED, "none") and Path(value).expanduser().exists():
             fill[name] = str(Path(value).expanduser().resolve())
+    fill["init"] = [str(Path(i).expanduser().resolve()) if i != "freeu" and Path(i).expanduser().is_file() else i
+                    for i in cfg.init]
     if cfg.scheduler is not None:
         check_scheduler(cfg.scheduler)
     if cfg.scheduler is None or cfg.size is None:

@@ -5,6 +5,10 @@ Both go through `bucket_scales`: every unit's value becomes a factor on some out
 parameters, and the factors of all units touching one parameter multiply into one row-scale vector.
 `apply` and `bake` then compute `original * scale` with the same op, so a baked variant's weights are
 bit for bit the weights `apply` uses in that bucket.
+
+Backbone units (FreeU's b, units.py) scale no parameter but some input channels of some modules:
+`bucket_inputs` gives one channel-scale vector per module, which `apply` multiplies in through a forward
+pre-hook, and which a baked variant carries as a buffer with the same hook (`scale_input`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,34 @@ def bucket_scales(unet: nn.Module, masks: MaskSet, bucket: int) -> dict[str, tor
             s = scales.setdefault(pname, torch.ones(p.shape[0], dtype=torch.float64))
             s[rows] *= value
     return {n: s.to(params[n].dtype) for n, s in scales.items()}
+
+
+def bucket_inputs(unet: nn.Module, masks: MaskSet, bucket: int) -> dict[str, torch.Tensor]:
+    """{module name: input-channel scale vector (in,)} for every module some backbone unit scales by a value != 1."""
+    scales: dict[str, torch.Tensor] = {}
+    for unit, value in masks.row(bucket).items():
+        if value == 1.0:
+            continue
+        for name, channels in unit.inputs(unet):
+            module = unet.get_submodule(name)
+            s = scales.setdefault(name, torch.ones(module.in_channels, dtype=torch.float64))
+            s[channels] *= value
+    p = next(unet.parameters())  # on the U-Net's device: no host-to-device copy at every resnet call
+    return {n: s.to(device=p.device, dtype=p.dtype) for n, s in scales.items()}
+
+
+def _scale_first(args: tuple, kwargs: dict, scale: torch.Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) with the module's first input (a ResnetBlock2D's input_tensor) times `scale`, which
+    broadcasts over it: (1 or batch, channels, 1, 1)."""
+    if args:
+        return (args[0] * scale.to(args[0].device, args[0].dtype), *args[1:]), kwargs
+    x = kwargs["input_tensor"]
+    return args, {**kwargs, "input_tensor": x * scale.to(x.device, x.dtype)}
+
+
+def scale_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The forward pre-hook of a baked variant's module: its input times its `maskopt_input_scale` buffer."""
+    return _scale_first(args, kwargs, module.maskopt_input_scale)
 
 
 def scaled(original: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -69,19 +101,33 @@ class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
         self._scales = [bucket_scales(unet, masks, k) for k in range(len(masks.buckets))]
         touched = sorted({n for s in self._scales for n in s})
         self._params = {n: unet.get_parameter(n) for n in touched}
+        self._inputs = [{n: v.view(1, -1, 1, 1) for n, v in bucket_inputs(unet, masks, k).items()}
+                        for k in range(len(masks.buckets))]
         self._original: dict[str, torch.Tensor] = {}
-        self._hook = None
+        self._hooks: list[Any] = []
 
     def __enter__(self) -> "apply":
         if getattr(self.unet, "_maskopt_applied", False):
             raise MaskoptError("masks are already applied to this U-Net; leave that `apply` block first")
         self._original = {n: p.detach().clone() for n, p in self._params.items()}
-        self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._hooks = [self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        for name in sorted({n for s in self._inputs for n in s}):  # backbone units: scaled inputs
+            module = self.unet.get_submodule(name)
+            self._hooks.append(module.register_forward_pre_hook(self._input_hook(name), with_kwargs=True))
         self.unet._maskopt_applied = True
         return self
 
+    def _input_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            scale = self._inputs[self.bucket].get(name) if self.bucket is not None else None
+            return None if scale is None else _scale_first(args, kwargs, scale)
+
+        return hook
+
     def __exit__(self, *exc: Any) -> None:
-        self._hook.remove()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         self.unet._maskopt_applied = False
         with torch.no_grad():
             for n, p in self._params.items():
@@ -118,10 +164,22 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
     def __init__(self, unet: nn.Module, masksets: list[MaskSet]) -> None:
         self.bucket, self.owner = 0, torch.zeros(0, dtype=torch.long)
         self._hooks: list[Any] = []
+        self._unet = unet
         n, k = len(masksets), len(masksets[0].buckets)
         per_param = [[bucket_scales(unet, m, b) for b in range(k)] for m in masksets]
         touched = sorted({p.rsplit(".", 1)[0] for rows in per_param for s in rows for p in s})
         self._layers: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        # backbone units: {module name: (input scales (k, n, in), active (k, n))}
+        per_input = [[bucket_inputs(unet, m, b) for b in range(k)] for m in masksets]
+        self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in sorted({i for rows in per_input for s in rows for i in s}):
+            module = unet.get_submodule(name)
+            si = torch.ones(k, n, module.in_channels, dtype=next(unet.parameters()).dtype)
+            for c in range(n):
+                for b in range(k):
+                    if name in per_input[c][b]:
+                        si[b, c] = per_input[c][b][name]
+            self._inputs[name] = (si.to(next(unet.parameters()).device), (si != 1).any(-1))
         for name in touched:
             layer = unet.get_submodule(name)
             if not isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -146,7 +204,21 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
     def __enter__(self) -> "per_sample":
         for name, (layer, *_) in self._layers.items():
             self._hooks.append(layer.register_forward_hook(self._hook(name)))
+        for name in self._inputs:
+            module = self._unet.get_submodule(name)
+            self._hooks.append(module.register_forward_pre_hook(self._input_hook(name), with_kwargs=True))
         return self
+
+    def _input_hook(self, name: str) -> Any:
+        scales, active = self._inputs[name]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            owner = self.owner
+            if not active[self.bucket][owner].any():
+                return None
+            return _scale_first(args, kwargs, scales[self.bucket][owner.to(scales.device)].unsqueeze(-1).unsqueeze(-1))
+
+        return hook
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._hooks:
@@ -190,6 +262,12 @@ def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check
         # inside `apply` the weights are some bucket's, not the originals: baking them would scale twice
         raise MaskoptError("cannot bake a U-Net while masks are applied to it; bake outside the `apply` block")
     variant = copy.deepcopy(unet)
+    # Every module a backbone unit touches gets its scale, 1s included, so that all buckets' variants share one
+    # graph (--refit loads each bucket's scales into one engine). Read off the original: drop may replace modules.
+    inputs = bucket_inputs(unet, masks, bucket)
+    p = next(unet.parameters())
+    for name in sorted({n for u in masks.units for n, _ in u.inputs(unet)}):
+        inputs.setdefault(name, torch.ones(unet.get_submodule(name).in_channels, dtype=p.dtype, device=p.device))
     with torch.no_grad():
         for n, s in bucket_scales(variant, masks, bucket).items():
             p = variant.get_parameter(n)
@@ -198,4 +276,9 @@ def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check
         from .drop import drop_removed
 
         drop_removed(variant, masks, bucket)
+    for name, s in inputs.items():  # after drop: on the module that runs
+        module = variant.get_submodule(name)
+        # (1, C, 1, 1): a plain constant into the Mul of the exported graph. Not persistent: the state dict stays the U-Net's
+        module.register_buffer("maskopt_input_scale", s.view(1, -1, 1, 1), persistent=False)
+        module.register_forward_pre_hook(scale_input, with_kwargs=True)
     return variant.eval()

@@ -22,7 +22,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from .maskset import MaskSet
 from .objective import Objective
 from .prompts import read_prompts
 from .sampler import Sampler
-from .space import optimizer, space
+from . import starts
+from .space import check_point, optimizer, space
 from .stats import Paired, paired
 from .sweep import BucketSweep
 
@@ -83,6 +84,8 @@ def prepare(cfg: SearchConfig) -> Inputs:
     if objective.measures:
         _check_set_terms(objective, cfg, min(len(holdout) * cfg.holdout_seeds, len(prompts) * cfg.seeds))
     check(cfg.space, cfg.gate_range, cfg.optimizer, cfg.workers)
+    for spec in cfg.init:
+        starts.parse(spec)
     check_device(cfg.device)
     out = Path(cfg.out)
     fresh = not (out.is_dir() and any(out.iterdir()))
@@ -226,6 +229,10 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         objective = Objective.parse(cfg.reward, cfg.requires)
         reward = load_reward(objective.reward, cfg.device)
         measure_for = set_measure(objective, cfg, cfg.size)
+        backbone = [j for j, u in enumerate(units) if u.kind == "backbone"]
+        init = starts.points(cfg.init, template, pipe.unet)
+        for spec, values in zip(cfg.init, init):  # each must be a point of the searched space
+            check_point(values, cfg.space, cfg.gate_range, backbone, f"--init {spec}")
         logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), cfg.reward)
     except BaseException:
         if inputs.fresh:
@@ -271,7 +278,8 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
 
     driver = None
     try:
-        driver = AskTell(lambda: make_optimizer(cfg, shape, recompute), cfg.space, shape, cfg.budget, cfg.workers)
+        driver = AskTell(lambda: make_optimizer(cfg, shape, recompute, backbone, len(init)), cfg.space, shape,
+                         cfg.budget, cfg.workers, backbone, init)
         if entries:
             logger.info("resuming from %d evaluations in %s", len(entries), journal.path)
         chosen = driver.chosen  # what NGOpt picked for this space, budget and workers
@@ -329,13 +337,16 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     return SearchResult(out, masks_path, best, baseline, holdout, len(entries))
 
 
-def make_optimizer(cfg: SearchConfig, shape: tuple[int, int], recompute: list[float]) -> Any:
-    """The search's optimizer: one nevergrad optimizer over every bucket at once (joint), or the bucket sweep."""
+def make_optimizer(cfg: SearchConfig, shape: tuple[int, int], recompute: list[float], backbone: Sequence[int] = (),
+                   starts: int = 0) -> Any:
+    """The search's optimizer: one nevergrad optimizer over every bucket at once (joint), or the bucket sweep.
+
+    `backbone`: the columns of backbone units; `starts`: how many starting points precede the optimizer's asks."""
     n_buckets, n_units = shape
-    if cfg.strategy == "sweep":
-        return BucketSweep(cfg.optimizer, cfg.space, n_buckets, n_units, cfg.budget - 1, recompute,
-                           cfg.workers, cfg.gate_range, cfg.seed)
-    param = space(cfg.space, n_buckets, n_units, cfg.gate_range, cfg.seed)
+    if cfg.strategy == "sweep":  # its stages share what the baseline and the starting points leave of the budget
+        return BucketSweep(cfg.optimizer, cfg.space, n_buckets, n_units, max(cfg.budget - 1 - starts, 1), recompute,
+                           cfg.workers, cfg.gate_range, cfg.seed, backbone)
+    param = space(cfg.space, n_buckets, n_units, cfg.gate_range, cfg.seed, backbone)
     return optimizer(cfg.optimizer, param, cfg.space, cfg.budget, cfg.workers)
 
 

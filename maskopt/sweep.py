@@ -48,10 +48,10 @@ class BucketSweep:
 
     def __init__(self, name: str | None, kind: str, n_buckets: int, n_units: int, budget: int,
                  recompute: Sequence[float], workers: int = 1, gate_range: tuple[float, float] = (0.75, 1.25),
-                 seed: int = 0) -> None:
+                 seed: int = 0, backbone: Sequence[int] = ()) -> None:
         self.name, self.kind, self.workers, self.gate_range, self.seed = name, kind, workers, gate_range, seed
-        self.shape = (n_buckets, n_units)
-        self.parametrization = space(kind, n_buckets, n_units, gate_range, seed)
+        self.shape, self.backbone = (n_buckets, n_units), tuple(backbone)
+        self.parametrization = space(kind, n_buckets, n_units, gate_range, seed, self.backbone)
         self.stages = plan(budget, recompute)
         short = min(n for _, n in self.stages)
         if kind == "gates" and short < n_units + 2:
@@ -80,10 +80,11 @@ class BucketSweep:
         self._asked = self._told = 0
         self._exhausted = False
         self._opt = None
+        self._start = self.best.copy()  # the values the stage starts from
         if self.stage < len(self.stages):
             k, n = self.stages[self.stage]
-            sub = space(self.kind, 1, self.shape[1], self.gate_range, self.seed * 1000 + self.stage)
-            sub.value = encode(self.best[k:k + 1], self.kind)  # start from the best values so far
+            sub = space(self.kind, 1, self.shape[1], self.gate_range, self.seed * 1000 + self.stage, self.backbone)
+            sub.value = encode(self.best[k:k + 1], self.kind, self.backbone)  # start from the best values so far
             # n + 1: many optimizers (COBYLA) first ask their starting point, the best so far, which is
             # answered below without an evaluation
             self._opt = optimizer(self.name, sub, self.kind, n + 1, self.workers)
@@ -99,7 +100,7 @@ class BucketSweep:
         for _ in range(1 if self._exhausted else 1000):
             sub = self._opt.ask()
             values = self.best.copy()
-            values[k] = decode(sub.value, 1, self.shape[1])[0]
+            values[k] = decode(sub.value, 1, self.shape[1], self.backbone)[0]
             if values.tobytes() not in self._known:
                 break
             # evaluated already (the stage's first ask is the best so far): its loss is known, no budget spent
@@ -114,12 +115,12 @@ class BucketSweep:
         key = values.tobytes()
         counted = key not in self._known and all(key != other for _, other, _ in self._pending.values())
         self._asked += counted
-        cand = self.parametrization.spawn_child(new_value=encode(values, self.kind))
+        cand = self.parametrization.spawn_child(new_value=encode(values, self.kind, self.backbone))
         self._pending[cand.uid] = (sub, key, counted)
         return cand
 
     def tell(self, cand: ng.p.Parameter, loss: float) -> None:
-        values = decode(cand.value, *self.shape)
+        values = decode(cand.value, *self.shape, self.backbone)
         sub, _, counted = self._pending.pop(cand.uid, (None, None, False))
         if sub is not None:
             tell(self._opt, sub, loss, self.kind)
@@ -127,8 +128,15 @@ class BucketSweep:
         elif self._opt is not None:  # not asked (the baseline, a journal replay): what the stage can use
             k = self.bucket
             if np.array_equal(np.delete(values, k, axis=0), np.delete(self.best, k, axis=0)):
-                row = self._opt.parametrization.spawn_child(new_value=encode(values[k:k + 1], self.kind))
+                row = self._opt.parametrization.spawn_child(new_value=encode(values[k:k + 1], self.kind, self.backbone))
                 tell(self._opt, row, loss, self.kind)
         self._known.setdefault(values.tobytes(), loss)
         if loss < self.best_loss:
+            restart = sub is None and self._asked == 0 and self._opt is not None and not np.array_equal(values, self._start)
             self.best, self.best_loss = values, loss
+            if restart:  # a better point told before the stage asked anything (a starting point): start from it
+                self.stage -= 1
+                self._next_stage()
+                k = self.bucket
+                row = self._opt.parametrization.spawn_child(new_value=encode(values[k:k + 1], self.kind, self.backbone))
+                tell(self._opt, row, loss, self.kind)

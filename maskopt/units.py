@@ -1,14 +1,20 @@
 """Maskable units of a diffusers U-Net, and the presets that select them.
 
-A unit is named by its module name in `unet.named_modules()` and has one of three kinds:
+A unit is named by its module name in `unet.named_modules()` and has one of four kinds:
 
-    weight  an nn.Linear / nn.Conv2d whose weight is multiplied by the value (bias kept): the paper's operation
-    group   output channels [g*out/G, (g+1)*out/G) of such a layer's weight, multiplied by the value
-    branch  the residual branch of a block, multiplied by the value (0 leaves only the skip path);
-            baked as a scaling of the branch's last layer's weight *and* bias
+    weight    an nn.Linear / nn.Conv2d whose weight is multiplied by the value (bias kept): the paper's operation
+    group     output channels [g*out/G, (g+1)*out/G) of such a layer's weight, multiplied by the value
+    branch    the residual branch of a block, multiplied by the value (0 leaves only the skip path);
+              baked as a scaling of the branch's last layer's weight *and* bias
+    backbone  a decoder block (up_blocks.N): the first half of the backbone channels entering each of its
+              resnets, multiplied by the value. That is FreeU's b factor (`enable_freeu(b1, b2, s1=1, s2=1)`),
+              one value per block and bucket; the preset `freeu` holds FreeU's two blocks
 
-Every unit therefore reduces to "scale these output rows of these parameters", see `Unit.scales()`;
-applying and baking masks (`apply.py`) only ever deals with that form.
+The first three reduce to "scale these output rows of these parameters" (`Unit.scales()`). A backbone
+unit scales no parameter: the resnets' GroupNorm sees its input's channels in groups that the scaled
+half can cut through, so nothing folds into weights. It reduces to "scale these input channels of these
+modules" (`Unit.inputs()`), an elementwise multiply in front of each resnet (a Mul in an exported graph).
+masking.py deals with these two forms only.
 
     >>> from maskopt.models import load_unet
     >>> unet = load_unet("maskopt:default")
@@ -34,8 +40,10 @@ from .errors import MaskoptError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("weight", "group", "branch")
+KINDS = ("weight", "group", "branch", "backbone")
 
+# The decoder blocks whose forward calls diffusers' apply_freeu (unet_2d_blocks.py): where a backbone unit is FreeU.
+FREEU_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
 # The official MaskUNet code masks every nn.Linear under up_blocks except names containing these.
 PAPER_EXCLUDE = ("time_emb_proj", "ff", "conv_shortcut", "proj_in", "proj_out")
 ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -73,8 +81,11 @@ class Unit:
         return cls(name=d["name"], kind=d.get("kind", "weight"), group=d.get("group"), groups=d.get("groups"))
 
     def scales(self, unet: nn.Module) -> list[tuple[str, slice]]:
-        """The (parameter name, output-row slice) pairs this unit's value multiplies."""
+        """The (parameter name, output-row slice) pairs this unit's value multiplies (none for a backbone unit)."""
         module = _get(unet, self.name)
+        if self.kind == "backbone":
+            self.inputs(unet)  # checks that the block is one
+            return []
         if self.kind == "weight":
             _require_layer(self.name, module)
             return [(f"{self.name}.weight", slice(None))]
@@ -93,6 +104,36 @@ class Unit:
         if _get(unet, prefix).bias is not None:
             names.append(f"{prefix}.bias")
         return [(n, slice(None)) for n in names]
+
+
+    def inputs(self, unet: nn.Module) -> list[tuple[str, slice]]:
+        """The (module name, input-channel slice) pairs this unit's value multiplies (only a backbone unit has any)."""
+        return backbone_inputs(unet, self.name) if self.kind == "backbone" else []
+
+
+def backbone_inputs(unet: nn.Module, name: str) -> list[tuple[str, slice]]:
+    """Each resnet of decoder block `name` with the first half of its backbone channels, as FreeU scales them.
+
+    A decoder resnet's input is cat([backbone, skip]); FreeU multiplies backbone[:, :C // 2] by b before the
+    cat. The backbone is what enters the block (the mid block's or the previous decoder block's output) for
+    the first resnet, the previous resnet's output for the others.
+    """
+    block = _get(unet, name)
+    parts = name.split(".")
+    if len(parts) != 2 or parts[0] != "up_blocks" or type(block).__name__ not in FREEU_BLOCKS:
+        raise MaskoptError(f"unit {name!r}: a backbone unit is a decoder block where diffusers applies FreeU "
+                           f"(up_blocks.N, a {' or '.join(FREEU_BLOCKS)}), not a {type(block).__name__}")
+    j, resnets = int(parts[1]), block.resnets
+    # what enters decoder block 0 is the bottleneck's output (block_out_channels[-1]), with or without a mid block
+    channels = unet.config.block_out_channels[-1] if j == 0 else unet.up_blocks[j - 1].resnets[-1].out_channels
+    found = []
+    for i, resnet in enumerate(resnets):
+        backbone = channels if i == 0 else resnets[i - 1].out_channels
+        if not 0 < backbone < resnet.in_channels:
+            raise MaskoptError(f"unit {name!r}: resnet {i} takes {resnet.in_channels} channels, not a backbone of "
+                               f"{backbone} and skip features")
+        found.append((f"{name}.resnets.{i}", slice(0, backbone // 2)))
+    return found
 
 
 def _get(unet: nn.Module, name: str) -> nn.Module:
@@ -155,7 +196,13 @@ def _branches(unet: nn.Module) -> list[Unit]:
     return [Unit(n, "branch") for n, m in unet.named_modules() if n and branch_last_layer(n, m) is not None]
 
 
-PRESETS = {"paper": _paper, "attention": _attention, "resnets": _resnets, "branches": _branches}
+def _freeu(unet: nn.Module) -> list[Unit]:
+    # diffusers applies FreeU in the up blocks whose resolution_idx is 0 (b1) or 1 (b2)
+    return [Unit(f"up_blocks.{j}", "backbone") for j, b in enumerate(getattr(unet, "up_blocks", []))
+            if getattr(b, "resolution_idx", None) in (0, 1) and type(b).__name__ in FREEU_BLOCKS]
+
+
+PRESETS = {"paper": _paper, "attention": _attention, "resnets": _resnets, "branches": _branches, "freeu": _freeu}
 
 
 def _glob(unet: nn.Module, pattern: str) -> list[Unit]:
@@ -186,7 +233,10 @@ def find_units(unet: nn.Module, targets: str | Sequence[str] = "paper", groups: 
         raise MaskoptError("no targets given: name a preset (" + ", ".join(PRESETS) + ") or a module-name glob")
     found: dict[Unit, None] = {}
     for t in targets:
-        for u in PRESETS[t](unet) if t in PRESETS else _glob(unet, t):
+        units = PRESETS[t](unet) if t in PRESETS else _glob(unet, t)
+        if not units:
+            raise MaskoptError(f"preset {t!r} selects no unit in this U-Net")
+        for u in units:
             found[u] = None
     order = {n: i for i, (n, _) in enumerate(unet.named_modules())}
     units = sorted(found, key=lambda u: order[u.name])

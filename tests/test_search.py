@@ -101,12 +101,12 @@ def test_trajectory_reuse_gives_the_same_rewards(pipe_dir):
 
 
 @pytest.mark.parametrize("preset,groups,xl", [("paper", None, False), ("branches", None, False), ("paper", 4, False),
-                                              ("paper", None, True)])
+                                              ("paper", None, True), (["freeu", "paper"], None, False)])
 def test_candidates_evaluated_together_match_one_at_a_time(pipe_dir, tmp_path, preset, groups, xl):
     """--workers: several candidates share one batch under per-sample masks, and each replays its own cached steps.
 
-    Units that scale weights only (paper: bias kept), whole branches (weight and bias) and channel groups;
-    on SDXL, the added conditioning is split with the batch when only some candidates run a step.
+    Units that scale weights only (paper: bias kept), whole branches (weight and bias), channel groups and
+    FreeU's backbone units (scaled inputs); on SDXL, the added conditioning is split with the batch when only some candidates run a step.
     """
     pipe = load_pipeline(str(tiny_pipeline(tmp_path / "xl", xl=True) if xl else pipe_dir))
     units = find_units(pipe.unet, preset, groups=groups)
