@@ -57,6 +57,8 @@ class Buckets:
 
     def index(self, t: float) -> int:
         """The bucket that holds timestep t (floored, clamped into 0 .. T-1)."""
+        if not math.isfinite(float(t)):
+            raise MaskoptError(f"timestep {float(t)} is not a finite number: it is in no bucket")
         t = min(max(math.floor(float(t)), 0), self.num_train_timesteps - 1)
         for k, (lo, hi) in enumerate(self.ranges):
             if lo <= t <= hi:

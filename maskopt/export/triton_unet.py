@@ -11,11 +11,23 @@ Its configuration comes from `unet/config.pbtxt`'s parameters:
     variant_inputs       optional JSON [[names], ...]: the inputs each variant takes, when a TensorRT
                          engine dropped one that nothing in it reads; default: all of this model's
 
-A stack that called one U-Net model keeps calling one: same inputs, same output, any timestep.
+A stack that called one U-Net model keeps calling one: same inputs, same output, any timestep in
+[0, T). A request whose timestep is NaN, infinite, negative, T or more, or mixed within the request is
+answered with an error naming it (the others of a batch are served).
 """
 
 import json
 import math
+
+
+def check_timestep(timestep, num_train_timesteps=1000):
+    """A request's timestep must be a number in [0, T): anything else is a client's bug, answered as one."""
+    t = float(timestep)
+    if not math.isfinite(t):
+        raise ValueError(f"timestep {t} is not a finite number")
+    if not 0 <= t < num_train_timesteps:
+        raise ValueError(f"timestep {t:g} is outside 0..{num_train_timesteps - 1}, the scheduler's training timesteps")
+    return t
 
 
 def variant_for(timestep, ranges, num_train_timesteps=1000):
@@ -32,6 +44,9 @@ def one_timestep(values):
     flat = [float(v) for v in values.reshape(-1)]
     if not flat:
         raise ValueError("timestep is empty")
+    bad = next((v for v in flat if not math.isfinite(v)), None)
+    if bad is not None:  # NaN is unequal to itself: checked before the comparison below
+        raise ValueError(f"timestep {bad} is not a finite number")
     if any(v != flat[0] for v in flat):
         raise ValueError(f"one request mixes timesteps {sorted(set(flat))[:4]}: each variant serves one bucket")
     return flat[0]
@@ -55,7 +70,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 t = one_timestep(pb_utils.get_input_tensor_by_name(request, "timestep").as_numpy())
-                k = variant_for(t, self.ranges, self.num_train_timesteps)
+                k = variant_for(check_timestep(t, self.num_train_timesteps), self.ranges, self.num_train_timesteps)
                 model = self.variants[k]
                 inputs = [pb_utils.get_input_tensor_by_name(request, n) for n in self.variant_inputs[k]]
                 result = pb_utils.InferenceRequest(

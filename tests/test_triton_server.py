@@ -1,0 +1,111 @@
+"""The exported Triton repository served by a real tritonserver (triton_server.py), through tritonclient.
+
+The variants run on the test onnxruntime stand-in (triton_backend/model.py); the router is the exported
+unet/1/model.py, unchanged. Answers are compared with ONNX Runtime on the variant of the timestep's bucket.
+"""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export_helpers import exported
+from triton_server import TritonServer, server_env
+
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.triton
+EDGES = [0.0, 100.0, 332.0, 332.9, 333.0, 500.5, 666.0, 667.0, 998.0, 999.0, 999.5]
+
+
+@pytest.fixture(scope="module")
+def env():
+    found, why = server_env()
+    if found is None:
+        pytest.skip(f"no tritonserver environment: {why}")
+    return found
+
+
+@pytest.fixture(scope="module", params=["sd", "xl"])
+def served(request, env):
+    root = exported(request.param == "xl")
+    with TritonServer(env, root / "triton") as server:
+        yield root, server
+    assert "Traceback" not in server.log, server.log[-3000:]  # no model crashed while serving
+
+
+def inputs_for(root, t, batch=1, seed=0):
+    """Random inputs of the exported signature (manifest.json), timestep t."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    rng = np.random.default_rng(seed)
+    sizes = {"B": batch, "H": 8, "W": 8, "S": 5}
+    feeds = {}
+    for spec in manifest["inputs"]:
+        name, shape = spec["name"], [sizes[d] if isinstance(d, str) else d for d in spec["shape"]]
+        feeds[name] = np.full(shape, t, np.float32) if name == "timestep" else rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def bucket_of(root, t):
+    variants = json.loads((root / "manifest.json").read_text())["variants"]
+    return next(v["bucket"] for v in variants if v["timesteps"][0] <= int(t) <= v["timesteps"][1])
+
+
+def infer(client_module, url, feeds, model="unet"):
+    client = client_module.InferenceServerClient(url)
+    wire = []
+    for name, array in feeds.items():
+        i = client_module.InferInput(name, list(array.shape), {np.float32: "FP32", np.float64: "FP64",
+                                                               np.int64: "INT64"}[array.dtype.type])
+        i.set_data_from_numpy(array)
+        wire.append(i)
+    return client.infer(model, wire).as_numpy("out_sample")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_every_timestep_is_served_by_its_buckets_variant(served, protocol):
+    root, server = served
+    module, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    sessions = {}
+    for i, t in enumerate(EDGES):
+        feeds = inputs_for(root, t, batch=1 + i % 2, seed=i)
+        k = bucket_of(root, t)
+        if k not in sessions:
+            sessions[k] = ort.InferenceSession(str(root / f"unet_b{k}.onnx"), providers=["CPUExecutionProvider"])
+        want = sessions[k].run(None, feeds)[0]
+        got = infer(module, url, feeds)
+        assert got.shape == want.shape and np.array_equal(got, want), (t, k)
+    assert len(sessions) == 3  # every bucket was reached
+
+
+@pytest.mark.parametrize("timestep,message", [
+    (float("nan"), "timestep nan is not a finite number"),
+    (float("inf"), "timestep inf is not a finite number"),
+    (-1.0, "timestep -1 is outside 0..999"),
+    (1000.0, "timestep 1000 is outside 0..999"),
+])
+def test_bad_timesteps_get_an_error_naming_them_and_the_server_stays_up(served, timestep, message):
+    root, server = served
+    with pytest.raises(InferenceServerException, match=message):
+        infer(httpclient, server.http_url, inputs_for(root, timestep))
+    assert server.alive()
+    assert infer(httpclient, server.http_url, inputs_for(root, 500.0)).shape[0] == 1  # and still serves
+
+
+def test_malformed_requests_are_refused_one_by_one(served):
+    root, server = served
+    good = inputs_for(root, 500.0)
+    cases = {
+        "two timesteps": {**good, "timestep": np.array([10.0, 900.0], np.float32)},
+        "float64 timestep": {**good, "timestep": good["timestep"].astype(np.float64)},
+        "3 latent channels": {**good, "sample": good["sample"][:, :3]},
+    }
+    for what, feeds in cases.items():
+        with pytest.raises(InferenceServerException) as e:
+            infer(httpclient, server.http_url, feeds)
+        assert str(e.value).strip(), what  # a message, whichever layer refused it
+        assert server.alive(), what
+    assert np.array_equal(infer(httpclient, server.http_url, good), infer(httpclient, server.http_url, good))
