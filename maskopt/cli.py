@@ -206,13 +206,15 @@ def _hxw(text: str | None) -> tuple[int, int] | None:
 @click.option("--drop", is_flag=True, help="Skip what the masks remove (smaller, faster variants).")
 @click.option("--refit", is_flag=True, help="One refittable engine + one weight set per bucket (with --trt).")
 @click.option("--triton", is_flag=True, help="Also write a Triton model repository (triton/).")
+@click.option("--triton-instances", type=int, default=4, show_default=True,
+              help="Instances of the Triton router: requests it serves at once.")
 @click.option("--workspace", type=float, default=None, help="TensorRT builder workspace in GB.")
 @click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file, shared by builds.")
 @click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level 0..5.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool, fp16: bool, opset: int, batch: str,
            size: str | None, classifier_free: bool | None, drop: bool, refit: bool, triton: bool,
-           workspace: float | None, timing_cache: str | None, opt_level: int, force: bool) -> None:
+           triton_instances: int, workspace: float | None, timing_cache: str | None, opt_level: int, force: bool) -> None:
     """Bake each bucket into a U-Net variant: verified ONNX, TensorRT engines, Triton models, manifest.json."""
     from pathlib import Path
 
@@ -222,7 +224,7 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
     cfg = ExportConfig(
         masks=Path(masks_path), out=Path(out), model=model, onnx=onnx_ or not trt, trt=trt, fp16=fp16, opset=opset,
         batch=Range.parse(batch, "--batch"), size=Range.parse(size, "--size") if size else None,
-        classifier_free=classifier_free, drop=drop, refit=refit, triton=triton, workspace_gb=workspace,
+        classifier_free=classifier_free, drop=drop, refit=refit, triton=triton, triton_instances=triton_instances, workspace_gb=workspace,
         timing_cache=Path(timing_cache) if timing_cache else None, optimization_level=opt_level, force=force,
     )
     with _bar("export", "variant") as progress:
@@ -241,8 +243,10 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
 @click.option("--prompt", required=True)
 @click.option("--masks", "masks_path", type=click.Path(), default=None, help="Mask file (torch backend).")
 @click.option("--export", "export_dir", type=click.Path(), default=None, help="Folder made by maskopt export.")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,
-              help="Default: torch with --masks; onnxruntime with --export (tensorrt if it has only engines).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default=None,
+              help="Default: torch with --masks; onnxruntime with --export (tensorrt if it has only engines); "
+                   "triton: the U-Net on a Triton server serving the export's triton/ folder (--url).")
+@click.option("--url", default=None, help="Triton server for --backend triton: HOST:PORT (HTTP) or grpc://HOST:PORT.")
 @click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the export's or mask file's, else"))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: as searched, else 30).")
@@ -253,7 +257,7 @@ def export(masks_path: str, model: str | None, out: str, onnx_: bool, trt: bool,
 @click.option("--out", required=True, type=click.Path(), help="Image file to write (.png; .jpg and .webp work too).")
 def generate(prompt: str, masks_path: str | None, export_dir: str | None, backend: str | None, model: str | None,
              seed: int, steps: int | None, guidance: float | None, scheduler: str | None, size: str | None,
-             device: str | None, out: str) -> None:
+             device: str | None, url: str | None, out: str) -> None:
     """Generate one image with the masked U-Net: PyTorch, or the exported variants switched by timestep.
 
     The sampler (steps, guidance, scheduler, size) defaults to the one the masks were searched with.
@@ -266,7 +270,7 @@ def generate(prompt: str, masks_path: str | None, export_dir: str | None, backen
     cfg = GenerateConfig(
         prompt=prompt, out=Path(out), masks=Path(masks_path) if masks_path else None,
         export_dir=Path(export_dir) if export_dir else None, backend=backend, model=model, seed=seed, steps=steps,
-        guidance=guidance, scheduler=scheduler, size=_hxw(size), device=device,
+        guidance=guidance, scheduler=scheduler, size=_hxw(size), device=device, url=url,
     )
     done = run_generate(cfg)
     click.echo(f"wrote {done.path} (seed {seed}; {done.describe()})")

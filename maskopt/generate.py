@@ -37,7 +37,7 @@ from .sampler import COMPARED, FALLBACK, Sampler, classifier_free
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
 Runner = Callable[[int, dict[str, torch.Tensor]], torch.Tensor]  # (variant k, named inputs) -> out_sample
 
@@ -56,6 +56,7 @@ class GenerateConfig:
     scheduler: str | None = None  # default: as searched, else the pipeline's own
     size: tuple[int, int] | None = None  # (height, width) in pixels; default: as searched, else the pipeline's
     device: str | None = None  # default: cuda for tensorrt (and torch when present), else cpu
+    url: str | None = None  # triton backend: the server serving the export's triton/ folder (HOST:PORT, grpc://...)
 
 
 
@@ -194,6 +195,13 @@ def resolve_backend(config: GenerateConfig) -> str:
         from .export.trt import require_tensorrt
 
         require_tensorrt()
+    if (backend == "triton") != (config.url is not None):
+        raise MaskoptError("the triton backend needs --url HOST:PORT of the server" if backend == "triton"
+                           else f"--url is for the triton backend, not {backend}")
+    if backend == "triton":
+        from .export.triton_client import _client_module, parse_url
+
+        _client_module(parse_url(config.url)[0])
     return backend
 
 
@@ -290,7 +298,14 @@ def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None
             if on_pipe:
                 on_pipe(pipe)
             return done(pipe(**kwargs).images[0])
-    variants = OrtVariants(manifest, config.export_dir) if backend == "onnxruntime" else TrtVariants(manifest, config.export_dir)
+    if backend == "triton":
+        from .export.triton_client import TritonVariants
+
+        variants: Any = TritonVariants(config.url)
+    elif backend == "onnxruntime":
+        variants = OrtVariants(manifest, config.export_dir)
+    else:
+        variants = TrtVariants(manifest, config.export_dir)
     try:
         profile = manifest.profile if backend == "tensorrt" else None
         pipe.unet = RoutedUNet(pipe.unet, manifest.buckets, variants, manifest.signature.xl, profile)

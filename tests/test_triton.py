@@ -31,6 +31,7 @@ def test_repository_configs_parse_with_triton_protobuf(xl):
             params = {k: v.string_value for k, v in c.parameters.items()}
             assert json.loads(params["buckets"]) == [list(r) for r in RANGES]
             assert json.loads(params["variants"]) == ["unet_b0", "unet_b1", "unet_b2"]
+            assert c.instance_group[0].count == 4  # --triton-instances: 4 requests served at once by default
         else:
             assert c.platform == "onnxruntime_onnx" and c.default_model_filename == "model.onnx"
             # the served file is the export's own (a hard link or a copy of the same bytes)
@@ -151,3 +152,15 @@ def test_variant_that_takes_fewer_inputs(tmp_path, monkeypatch):
     request = {n: _Tensor(n, np.zeros(2, np.float32) + 500) for n in sig.input_names}
     model.execute([request])
     assert calls == [("unet_b1", ["sample", "timestep"])]
+
+
+def test_router_instances_are_set_at_export_and_checked(tmp_path):
+    from export_helpers import cli, masks, pipeline
+
+    r = cli("export", "--masks", masks(), "--model", pipeline(), "--out", tmp_path / "two", "--onnx", "--triton",
+            "--triton-instances", 2)
+    assert r.exit_code == 0, r.output
+    assert triton.validate_repository(tmp_path / "two" / "triton")["unet"].instance_group[0].count == 2
+    r = cli("export", "--masks", masks(), "--model", pipeline(), "--out", tmp_path / "none", "--triton", "--triton-instances", 0)
+    assert r.exit_code == 1 and "--triton-instances must be at least 1, got 0" in r.output
+    assert not (tmp_path / "none").exists()

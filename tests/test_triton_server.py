@@ -109,3 +109,62 @@ def test_malformed_requests_are_refused_one_by_one(served):
         assert str(e.value).strip(), what  # a message, whichever layer refused it
         assert server.alive(), what
     assert np.array_equal(infer(httpclient, server.http_url, good), infer(httpclient, server.http_url, good))
+
+
+@pytest.mark.parametrize("scheme", ["", "grpc://"])
+def test_generate_through_the_server_equals_the_onnxruntime_backend(served, tmp_path, scheme):
+    """`maskopt generate --backend triton`: the pipeline here, every U-Net call through the router on the server."""
+    from PIL import Image
+
+    from export_helpers import cli
+
+    root, server = served
+    url = scheme + (server.grpc_url if scheme else server.http_url)
+    common = ("generate", "--prompt", "a red cat", "--export", root, "--steps", 6, "--seed", 2)
+    r = cli(*common, "--backend", "triton", "--url", url, "--out", tmp_path / "triton.png")
+    assert r.exit_code == 0, r.output
+    assert "triton backend" in r.output
+    assert cli(*common, "--out", tmp_path / "ort.png").exit_code == 0
+    a = np.asarray(Image.open(tmp_path / "triton.png"), np.int16)
+    b = np.asarray(Image.open(tmp_path / "ort.png"), np.int16)
+    assert a.std() > 1 and np.abs(a - b).max() <= 1  # the same variants; ONNX Runtime's thread count may round apart
+
+
+def test_generate_names_a_server_that_is_not_there_or_serves_something_else(served, tmp_path):
+    from export_helpers import cli
+    from triton_server import _free_port
+
+    root, server = served
+    common = ("generate", "--prompt", "x", "--export", root, "--steps", 2, "--out", tmp_path / "x.png", "--backend", "triton")
+    r = cli(*common, "--url", f"127.0.0.1:{_free_port()}")
+    assert r.exit_code == 1 and "no Triton server answers at 127.0.0.1:" in r.output
+    r = cli(*common)
+    assert r.exit_code == 1 and "the triton backend needs --url" in r.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_concurrent_clients_at_mixed_timesteps_all_get_their_answers(served):
+    """4 clients x 6 requests at once, over every bucket: every answer is its variant's (bounded in count and time)."""
+    import threading
+
+    root, server = served
+    sessions = [ort.InferenceSession(str(root / f"unet_b{k}.onnx"), providers=["CPUExecutionProvider"]) for k in range(3)]
+    work = [[inputs_for(root, float(t), seed=10 * c + i) for i, t in enumerate(np.linspace(0, 999, 6) + 37 * c)]
+            for c in range(4)]
+    wrong, answered = [], []
+
+    def client(items):
+        for feeds in items:
+            feeds["timestep"] = feeds["timestep"] % 1000
+            want = sessions[bucket_of(root, feeds["timestep"][0])].run(None, feeds)[0]
+            got = infer(httpclient, server.http_url, feeds)
+            answered.append(1)
+            if not np.array_equal(got, want):
+                wrong.append(float(feeds["timestep"][0]))
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in work]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads) and len(answered) == 24 and not wrong

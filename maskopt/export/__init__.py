@@ -194,10 +194,10 @@ def _triton(config: ExportConfig, sig: Signature, masks: Any, staging: Path, bui
     root = staging / "triton"
     inputs = [b.engine_inputs if role == "plan" else None for b in built]
     written = write_repository(root, sig, masks.buckets.ranges, [b.files for b in built], role,
-                               masks.buckets.num_train_timesteps, inputs)
+                               masks.buckets.num_train_timesteps, inputs, config.triton_instances)
     return {
         "repository": "triton", "model": ROUTER, "variants": [f"unet_b{k}" for k in range(len(built))],
-        "backend": role, "files": [FileEntry.of(staging, p, seen).to_dict() for p in written],
+        "backend": role, "router_instances": config.triton_instances, "files": [FileEntry.of(staging, p, seen).to_dict() for p in written],
     }
 
 

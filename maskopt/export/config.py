@@ -32,6 +32,7 @@ class ExportConfig:
     drop: bool = False  # skip what the masks remove (cheaper variants; no --refit)
     refit: bool = False  # one refittable engine + one weight set per bucket instead of K engines
     triton: bool = False
+    triton_instances: int = 4  # router instances: requests served at once (each waits on its variant's answer)
     workspace_gb: float | None = None
     timing_cache: Path | None = None  # shared by all variants' builds; kept only when given
     optimization_level: int = 3
@@ -60,6 +61,8 @@ def check_options(config: ExportConfig) -> None:
         from .trt import require_tensorrt
 
         require_tensorrt()
+    if config.triton_instances < 1:
+        raise MaskoptError(f"--triton-instances must be at least 1, got {config.triton_instances}")
     if config.triton:
         from .triton import model_config_module
 

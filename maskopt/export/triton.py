@@ -73,12 +73,13 @@ def variant_config(name: str, sig: Signature, backend: Backend, inputs: Sequence
 
 
 def router_config(sig: Signature, ranges: Sequence[Sequence[int]], variants: Sequence[str], num_train_timesteps: int,
-                  variant_inputs: Sequence[Sequence[str]] | None = None) -> Any:
+                  variant_inputs: Sequence[Sequence[str]] | None = None, instances: int = 4) -> Any:
     pb = model_config_module()
     config = pb.ModelConfig(name=ROUTER, backend="python", max_batch_size=0)
     _io(config, sig)
-    # The router only reads one float and forwards tensors: one CPU instance is plenty.
-    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
+    # An instance blocks on its BLS call until the variant answers, so `instances` requests are served at once
+    # (benchmarks/triton_load.py); each is a Python stub process on the CPU, idle while it waits.
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
     params = {"buckets": json.dumps([list(r) for r in ranges]), "variants": json.dumps(list(variants)),
               "num_train_timesteps": str(num_train_timesteps)}
     if variant_inputs is not None:  # which inputs each variant takes, when some take fewer than all
@@ -115,6 +116,7 @@ def write_repository(
     role: str,
     num_train_timesteps: int = 1000,
     inputs: Sequence[Sequence[str] | None] | None = None,
+    instances: int = 4,
 ) -> list[Path]:
     """Write the repository under `root`; `files[k]` maps roles ("onnx", "onnx_data", "plan") to variant
     k's files and `role` picks the one Triton serves; `inputs[k]`, if not None, the inputs variant k's
@@ -136,7 +138,7 @@ def write_repository(
     (root / ROUTER / "1").mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("triton_unet.py"), root / ROUTER / "1" / "model.py")
     every = all(i == list(sig.input_names) for i in inputs)
-    router = router_config(sig, ranges, names, num_train_timesteps, None if every else inputs)
+    router = router_config(sig, ranges, names, num_train_timesteps, None if every else inputs, instances)
     written += [root / ROUTER / "1" / "model.py", _write(router, root / ROUTER / "config.pbtxt")]
     validate_repository(root)
     return written
