@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from maskopt.errors import MaskoptError
 from maskopt.rewards import REWARDS, WeightedSum, load_reward, valid_names
 from maskopt.rewards import aesthetic, base, hpsv2, pickscore
 from maskopt.rewards.clip import Preprocess, load_preprocess
@@ -170,6 +171,37 @@ def test_pad_fit_letterboxes_like_hpsv2():
     assert out.shape == (1, 3, 32, 32)
     assert out[..., :12, :].abs().max() == 0 and out[..., 20:, :].abs().max() == 0
     assert torch.allclose(out[..., 12:20, :], torch.ones(1, 3, 8, 32))
+
+
+def hpsv2_reference_transform(x, size, mean, std):
+    """HPSv2's inference transform on a float tensor, as open_clip (the 2.16 HPSv2 bundles) writes it:
+    ResizeMaxSize (longest side to `size` by torchvision's tensor resize: bicubic, antialias, no clamp for
+    floats; zero padding, left/top getting the floor half) then Normalize. Written from that code, not from
+    maskopt's."""
+    h, w = x.shape[-2:]
+    scale = size / float(max(h, w))
+    if scale != 1.0:
+        nh, nw = (round(d * scale) for d in (h, w))
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        pad_h, pad_w = size - nh, size - nw
+        left, top, right, bottom = pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2
+        x = torch.nn.functional.pad(x, (left, right, top, bottom), mode="constant", value=0.0)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("height,width", [(512, 512), (512, 768), (768, 512), (300, 200)])
+def test_hpsv2_preprocessing_is_bit_identical_to_its_reference(height, width):
+    """Hard-edged images, where bicubic overshoots [0, 1]: HPSv2 keeps the overshoot, and so does maskopt."""
+    from maskopt.rewards.clip import OPENAI_MEAN, OPENAI_STD
+
+    g = torch.Generator().manual_seed(height + width)
+    cells = (torch.rand(1, 3, height // 16 + 1, width // 16 + 1, generator=g) > 0.5).float()
+    images = cells.repeat_interleave(16, -2).repeat_interleave(16, -1)[..., :height, :width]  # 0/1 squares
+    want = hpsv2_reference_transform(images, 224, OPENAI_MEAN, OPENAI_STD)
+    got = Preprocess(size=224, crop=(224, 224), fit="pad")(images)
+    assert torch.equal(got, want)
+    top = (1 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    assert (want.amax(dim=(0, 2, 3)) > top + 1e-3).any()  # the overshoot is there: a clamp would differ
 
 
 # --- pickscore -----------------------------------------------------------------------------
@@ -380,3 +412,22 @@ def test_imagereward_runs_the_package_model_on_batches(monkeypatch, images):
     scores = reward(images, PROMPTS)
     reward.batch_size = 16
     assert scores.shape == (len(PROMPTS),) and torch.allclose(scores, reward(images, PROMPTS), atol=1e-6)
+
+
+def test_hpsv2_runs_vit_h_14s_activation_whatever_the_base_config_omits(hps_dir, tmp_path, images):
+    import json
+
+    directory, model = hps_dir
+    base = tmp_path / "base"
+    shutil.copytree(directory, base)
+    config = json.loads((base / "config.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        config[tower].pop("hidden_act", None)  # transformers would default to quick_gelu
+    (base / "config.json").write_text(json.dumps(config))
+    reward = load_reward(f"hpsv2@{base}")
+    logits, scale = reference_logits(model, directory, images, PROMPTS)  # the gelu model
+    assert torch.allclose(all_pairs(reward, images, PROMPTS), logits / scale, atol=1e-5)
+    config["vision_config"]["hidden_act"] = "quick_gelu"
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MaskoptError, match="vision_config has hidden_act 'quick_gelu', but HPSv2's ViT-H-14 uses 'gelu'"):
+        load_reward(f"hpsv2@{base}")

@@ -6,7 +6,8 @@ checkpoint), `hpsv2@xswu/HPSv2/HPS_v2_compressed.pt` (another file of a hub repo
 
 Score: cos(image embedding, text embedding), exactly what hpsv2.score() returns (about 0.2-0.35;
 HPSv2's benchmark tables print 100x this). Images are fitted as HPSv2 does at inference
-(open_clip's ResizeMaxSize: longest side to 224, zero-pad to square), not centre-cropped.
+(open_clip's ResizeMaxSize: longest side to 224, zero-pad to square; the bicubic overshoot kept, not
+clamped), not centre-cropped. Both towers run ViT-H-14's gelu, whatever the base config omits.
 
 open_clip is not imported (it conflicts with this torch; see FINDINGS). The checkpoint's state dict
 (``{"state_dict": ...}`` as HPSv2 saves it) is renamed onto transformers' CLIPModel keys, and loaded
@@ -139,12 +140,34 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+ACTIVATION = "gelu"  # open_clip's ViT-H-14 towers use nn.GELU; transformers' CLIPConfig defaults to quick_gelu
+
+
+def with_activation(config: "CLIPConfig", base: str) -> "CLIPConfig":
+    """`config` with both towers on ViT-H-14's activation; a base config.json that names another is an error.
+
+    A config without `hidden_act` would otherwise run transformers' default, quick_gelu (about 3e-3 off)."""
+    import json
+
+    from .base import optional_file
+
+    path = optional_file(base, "config.json")
+    raw = json.loads(open(path, encoding="utf-8").read()) if path is not None else {}
+    for tower in ("text_config", "vision_config"):
+        named = (raw.get(tower) or {}).get("hidden_act")
+        if named is not None and named != ACTIVATION:
+            raise MaskoptError(f"{base}: config.json's {tower} has hidden_act {named!r}, but HPSv2's ViT-H-14 "
+                               f"uses {ACTIVATION!r}")
+        getattr(config, tower).hidden_act = ACTIVATION
+    return config
+
+
 def load(source: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ClipScore:
     from transformers import CLIPConfig, CLIPModel
 
     path = resolve_checkpoint(source, DEFAULT_CHECKPOINT)
     base = base_model_source(source, BASE_SOURCE)
-    config = CLIPConfig.from_pretrained(base)
+    config = with_activation(CLIPConfig.from_pretrained(base), base)
     state = open_clip_to_transformers(read_state_dict(path))
     check_complete(state, config)
     # Cast first: the compressed checkpoints may hold float16 tensors.
