@@ -109,7 +109,13 @@ class RoutedUNet:
         if timestep_cond is not None or cross_attention_kwargs or extra:
             raise MaskoptError("exported variants take sample, timestep, text embeddings (and SDXL's conditioning) "
                                f"only; this pipeline also passes {', '.join(extra) or 'timestep_cond/cross_attention_kwargs'}")
+        from .export.triton_unet import check_timestep
+
         t = scalar_timestep(timestep)
+        try:  # the rule every exported backend follows, the Triton router included (manifest.json's timestep.rule)
+            check_timestep(t, self.buckets.num_train_timesteps)
+        except ValueError as e:
+            raise MaskoptError(f"the exported variants serve timesteps in [0, {self.buckets.num_train_timesteps}): {e}") from None
         k = self.buckets.index(t)
         if self.profile is not None:
             self.profile.check(sample.shape[0], sample.shape[2], sample.shape[3], encoder_hidden_states.shape[1])
@@ -301,7 +307,7 @@ def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None
     if backend == "triton":
         from .export.triton_client import TritonVariants
 
-        variants: Any = TritonVariants(config.url)
+        variants: Any = TritonVariants(config.url, manifest.buckets.to_list())
     elif backend == "onnxruntime":
         variants = OrtVariants(manifest, config.export_dir)
     else:

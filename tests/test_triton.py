@@ -101,8 +101,15 @@ def _fake_pb_utils(calls):
         def __init__(self, output_tensors, error=None):
             self.output_tensors, self.error = output_tensors, error
 
-    pb.InferenceRequest, pb.InferenceResponse = InferenceRequest, InferenceResponse
-    pb.TritonError = lambda message: message
+    class TritonError(str):
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __new__(cls, message, code="INTERNAL"):
+            error = super().__new__(cls, message)
+            error.code = code
+            return error
+
+    pb.InferenceRequest, pb.InferenceResponse, pb.TritonError = InferenceRequest, InferenceResponse, TritonError
     pb.get_input_tensor_by_name = lambda request, name: request[name]
     pb.get_output_tensor_by_name = lambda result, name: next(t for t in result.outputs if t.name == name)
     return pb
@@ -122,11 +129,15 @@ def test_router_model_forwards_each_request_to_its_variant(monkeypatch):
         return {"sample": _Tensor("sample", sample), "timestep": _Tensor("timestep", np.array(t, np.float32)),
                 "encoder_hidden_states": _Tensor("encoder_hidden_states", np.zeros((2, 16, 16), np.float32))}
 
-    responses = model.execute([request(999.0), request(500.0), request(0.0), request(10.0, 900.0)])
-    assert [c[0] for c in calls] == ["unet_b2", "unet_b1", "unet_b0"]
+    bad = {(10.0, 900.0): "one request mixes timesteps", (float("nan"),): "timestep nan is not a finite number",
+           (float("-inf"),): "timestep -inf is not a finite number", (-0.5,): "timestep -0.5 is outside 0..999",
+           (1000.0,): "timestep 1000 is outside 0..999", (): "timestep is empty"}
+    responses = model.execute([request(999.0), request(500.0), request(0.0), request(999.9)] + [request(*t) for t in bad])
+    assert [c[0] for c in calls] == ["unet_b2", "unet_b1", "unet_b0", "unet_b2"]
     assert calls[0][1] == ["sample", "timestep", "encoder_hidden_states"]  # every input forwarded
-    assert [r.output_tensors[0].array[0] for r in responses[:3]] == ["unet_b2", "unet_b1", "unet_b0"]
-    assert responses[3].error is not None and "mixes timesteps" in responses[3].error
+    assert [r.output_tensors[0].array[0] for r in responses[:4]] == ["unet_b2", "unet_b1", "unet_b0", "unet_b2"]
+    for r, message in zip(responses[4:], bad.values()):  # each bad request answered alone, as the client's fault
+        assert r.error is not None and message in r.error and r.error.code == "INVALID_ARG", (r.error, message)
 
 
 def test_variant_that_takes_fewer_inputs(tmp_path, monkeypatch):

@@ -14,25 +14,41 @@ a virtual environment of its own, made once and kept (`MASKOPT_TRITON_ENV`, defa
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 PYTRITON = "nvidia-pytriton==0.7.0"
-SERVER_PACKAGES = ["numpy<2", "onnxruntime"]
 TEST_BACKEND = Path(__file__).parent / "triton_backend" / "model.py"
-READY_TIMEOUT_S = 60
+READY_TIMEOUT_S = 120  # 4 router and 3 variant stubs start on 2 cores
+PY = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def server_packages() -> list[str]:
+    # the test side's ONNX Runtime version: the server's variants compute what the tests compare with
+    import onnxruntime
+
+    return ["numpy<2", f"onnxruntime=={onnxruntime.__version__}"]
 
 
 def env_dir() -> Path:
-    return Path(os.environ.get("MASKOPT_TRITON_ENV", Path.home() / ".cache" / "maskopt" / "triton-env"))
+    default = Path.home() / ".cache" / "maskopt" / f"triton-env-py{PY}"
+    return Path(os.environ.get("MASKOPT_TRITON_ENV", default))
+
+
+def _recipe() -> dict:
+    """What an environment was made from: rebuilt when any of it changes."""
+    return {"python": sys.version, "executable": sys.executable, "packages": server_packages(), "server": PYTRITON}
 
 
 def _site_packages(env: Path) -> Path:
@@ -40,41 +56,92 @@ def _site_packages(env: Path) -> Path:
 
 
 def server_env() -> tuple[Path | None, str]:
-    """The server's environment, made if missing: (its folder, "") or (None, why it could not be made)."""
+    """The server's environment, made if missing or stale: (its folder, "") or (None, why it cannot be had).
+
+    Built in a sibling folder and renamed into place, so an interrupted build leaves nothing half-made
+    where a later run would trust it; a folder there that this harness did not make is never deleted."""
     env = env_dir()
     marker = env / ".maskopt-ready"
     if marker.is_file():
-        return env, ""
-    shutil.rmtree(env, ignore_errors=True)
-    steps = [[sys.executable, "-m", "venv", str(env)],
-             [str(env / "bin" / "pip"), "install", "-q", *SERVER_PACKAGES],
-             [str(env / "bin" / "pip"), "install", "-q", "--no-deps", PYTRITON]]
-    for cmd in steps:
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return None, f"{' '.join(cmd[:4])}: {e}"
-        if r.returncode != 0:
-            return None, f"{' '.join(cmd[:4])} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
-    marker.write_text(PYTRITON + "\n")
-    return env, ""
+        if json.loads(marker.read_text() or "{}") == _recipe():
+            return _usable(env)
+        shutil.rmtree(env)  # ours (it has our marker), made by another Python or other pins
+    elif env.exists():
+        return None, f"{env} exists and was not made by tests/triton_server.py: remove it or set MASKOPT_TRITON_ENV"
+    env.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=env.name + ".build-", dir=env.parent))
+    try:
+        steps = [[sys.executable, "-m", "venv", "--clear", str(build)],
+                 [str(build / "bin" / "pip"), "install", "-q", *server_packages()],
+                 [str(build / "bin" / "pip"), "install", "-q", "--no-deps", PYTRITON]]
+        for cmd in steps:
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return None, f"{' '.join(cmd[:4])}: {e}"
+            if r.returncode != 0:
+                return None, f"{' '.join(cmd[:4])} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+        # a venv's scripts name their folder: make it where it will live, once the build has shown it works
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, capture_output=True, timeout=120)
+        shutil.rmtree(env / "lib")
+        shutil.move(str(build / "lib"), str(env / "lib"))
+        (env / ".maskopt-ready").write_text(json.dumps(_recipe()))
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return _usable(env)
+
+
+def _usable(env: Path) -> tuple[Path | None, str]:
+    why = _check_stub(env)
+    return (None, why) if why else (env, "")
+
+
+def _stub(env: Path) -> Path:
+    return _site_packages(env) / "pytriton" / "tritonserver" / "python_backend_stubs" / PY / "triton_python_backend_stub"
+
+
+def _library_path(env: Path) -> str:
+    """The wheel's libraries, this Python's libpython (the stub embeds one), then whatever was set already."""
+    parts = [str(_site_packages(env) / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or "",
+             os.environ.get("LD_LIBRARY_PATH", "")]
+    return ":".join(p for p in parts if p)
+
+
+def _check_stub(env: Path) -> str:
+    """'' if the Python backend's stub for this Python can start here, else why not (the env itself is kept)."""
+    stub = _stub(env)
+    if not stub.is_file():
+        return f"the wheel has no Python backend stub for Python {PY}"
+    r = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": _library_path(env)})
+    missing = [line.split()[0] for line in r.stdout.splitlines() if "not found" in line]
+    return f"the Python backend stub cannot find {', '.join(missing)} (a shared libpython{PY})" if missing else ""
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free now (a race with other processes remains: the server start is retried)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
 
 
 class TritonServer:
-    """tritonserver on `repository`, on free localhost ports; started on enter, always stopped (by its pid) on exit."""
+    """tritonserver on `repository`, on free localhost ports; started on enter, always stopped (its process
+    group, by its pid) on exit."""
 
     def __init__(self, env: Path, repository: Path) -> None:
         self.env, self.repository = env, Path(repository)
-        self.http_port, self.grpc_port = _free_port(), _free_port()
-        self.http_url, self.grpc_url = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
         self.proc: subprocess.Popen | None = None
         self.log = ""
+        self.http_url = self.grpc_url = ""
 
     def _backends(self, root: Path) -> Path:
         """The backends folder: the wheel's Python backend with the stub for this Python, and the test onnxruntime."""
@@ -84,65 +151,84 @@ class TritonServer:
         for f in (server / "backends" / "python").iterdir():
             if f.is_file():
                 shutil.copy2(f, python / f.name)
-        stub = server / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
-        shutil.copy2(stub, python / stub.name)
+        shutil.copy2(_stub(self.env), python / "triton_python_backend_stub")
         (root / "onnxruntime").mkdir()
         shutil.copy2(TEST_BACKEND, root / "onnxruntime" / "model.py")
         return root
 
     def __enter__(self) -> "TritonServer":
         self._tmp = tempfile.TemporaryDirectory(prefix="maskopt-triton-")
-        tmp = Path(self._tmp.name)
-        backends = self._backends(tmp / "backends")
-        site = _site_packages(self.env)
-        env = {**os.environ, "PATH": f"{self.env / 'bin'}:{os.environ.get('PATH', '')}",
-               "LD_LIBRARY_PATH": str(site / "nvidia_pytriton.libs"), "PYTHONNOUSERSITE": "1"}
-        env.pop("PYTHONPATH", None)  # the stub's Python must see the server environment only
-        self._log = open(tmp / "server.log", "w+")
-        self.proc = subprocess.Popen(
-            [str(site / "pytriton" / "tritonserver" / "bin" / "tritonserver"),
-             f"--model-repository={self.repository}", f"--backend-directory={backends}",
-             "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-             "--allow-grpc=true", "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-             "--allow-metrics=false", "--exit-on-error=true", "--log-verbose=0"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            self._wait_ready()
+            tmp = Path(self._tmp.name)
+            self._backends_dir = self._backends(tmp / "backends")
+            for attempt in range(3):  # a port taken between choosing it and the server binding it: new ports
+                self._log_path = tmp / f"server-{attempt}.log"
+                if self._start():
+                    return self
+            raise RuntimeError(f"tritonserver could not bind its ports:\n{self.read_log()[-3000:]}")
         except BaseException:
             self.__exit__()
             raise
-        return self
 
-    def _wait_ready(self) -> None:
+    def _start(self) -> bool:
+        """Start on fresh ports and wait until ready; False if the ports were taken (then try again)."""
+        http, grpc = _free_ports(2)
+        self.http_url, self.grpc_url = f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
+        site = _site_packages(self.env)
+        env = {**os.environ, "PATH": f"{self.env / 'bin'}:{os.environ.get('PATH', '')}",
+               "LD_LIBRARY_PATH": _library_path(self.env), "PYTHONNOUSERSITE": "1"}
+        for name in ("PYTHONPATH", "PYTHONHOME"):  # the stub's Python must see the server environment only
+            env.pop(name, None)
+        with open(self._log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(site / "pytriton" / "tritonserver" / "bin" / "tritonserver"),
+                 f"--model-repository={self.repository}", f"--backend-directory={self._backends_dir}",
+                 "--http-address=127.0.0.1", f"--http-port={http}",
+                 "--allow-grpc=true", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+                 "--allow-metrics=false", "--exit-on-error=true", "--log-verbose=0"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost: never through a proxy
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if "already in use" in self.read_log():
+                    self._stop()
+                    return False
                 raise RuntimeError(f"tritonserver exited ({self.proc.returncode}):\n{self.read_log()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
+                with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                    # ours, not another server on a reused port: its log says it serves there
+                    if r.status == 200 and f"127.0.0.1:{grpc}" in self.read_log():
+                        return True
             except OSError:
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"tritonserver not ready after {READY_TIMEOUT_S} s:\n{self.read_log()[-3000:]}")
 
     def read_log(self) -> str:
-        self._log.flush()
-        self._log.seek(0)
-        return self._log.read()
+        path = getattr(self, "_log_path", None)
+        return path.read_text(errors="replace") if path is not None and path.is_file() else ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its Python stubs: its own process group
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group is left, stubs included
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its Python stubs: its own process group
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.log = self.read_log()
-        self._log.close()
-        self._tmp.cleanup()
+        try:
+            self._stop()
+            self.log = self.read_log()
+        finally:
+            self._tmp.cleanup()

@@ -118,8 +118,15 @@ class Manifest:
         return bool(self.engine and self.engine.get("refit"))
 
     def variant_for(self, timestep: Any) -> Variant:
-        """The variant serving `timestep` (floored, clamped): the mask file's own bucket rule."""
-        return self.variants[self.buckets.index(scalar_timestep(timestep))]
+        """The variant serving `timestep` (a finite number in [0, T), floored): `timestep.rule`."""
+        from .triton_unet import check_timestep
+
+        t = scalar_timestep(timestep)
+        try:
+            check_timestep(t, self.buckets.num_train_timesteps)
+        except ValueError as e:
+            raise MaskoptError(str(e)) from None
+        return self.variants[self.buckets.index(t)]
 
     def has(self, role: str) -> bool:
         return all(role in v.files for v in self.variants)
@@ -146,7 +153,7 @@ class Manifest:
             "model": self.model,
             "num_train_timesteps": self.num_train_timesteps,
             "timestep": {"dtype": "float32", "shape": [1],
-                         "rule": "floor, clamp to [0, num_train_timesteps - 1], use the variant whose timesteps hold it"},
+                         "rule": "a finite timestep in [0, num_train_timesteps): floor it, use the variant whose timesteps hold it"},
             "precision": self.precision,
             "opset": self.opset,
             "drop": self.drop,

@@ -46,18 +46,36 @@ def parse_url(url: str) -> tuple[str, str]:
 class TritonVariants:
     """Calls the router `unet` on a running Triton server; `k` (the bucket maskopt computed) is the server's to pick."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, buckets: list[list[int]] | None = None, timeout_s: float = 600.0) -> None:
+        """`buckets`: the export's timestep ranges, checked against the router's (the server serves this export)."""
         self.protocol, self.address = parse_url(url)
         self.module = _client_module(self.protocol)
+        kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if self.protocol == "http" else {}
+        self.timeout_s = timeout_s
         try:
-            self.client = self.module.InferenceServerClient(self.address)
+            self.client = self.module.InferenceServerClient(self.address, **kw)
             ready = self.client.is_model_ready(ROUTER)
         except Exception as e:  # connection refused, DNS, a non-Triton port: the client's own exception types
-            raise MaskoptError(f"no Triton server answers at {url} ({self.protocol}): {str(e).strip()[:200]}") from None
-        if not ready:
-            raise MaskoptError(f"the Triton server at {url} has no ready model {ROUTER!r}: serve the export's "
-                               "triton/ folder as its model repository")
+            hint = "" if self.protocol == "grpc" else " (for its gRPC port, give grpc://HOST:PORT)"
+            raise MaskoptError(f"no Triton server answers at {url} ({self.protocol}){hint}: {str(e).strip()[:200]}") from None
+        try:
+            if not ready:
+                raise MaskoptError(f"the Triton server at {url} has no ready model {ROUTER!r}: serve the export's "
+                                   "triton/ folder as its model repository")
+            if buckets is not None and self._served_buckets() != [list(b) for b in buckets]:
+                raise MaskoptError(f"the Triton server at {url} serves another export: its {ROUTER!r} routes buckets "
+                                   f"{self._served_buckets()}, this export has {[list(b) for b in buckets]}")
+        except BaseException:
+            self.close()
+            raise
         logger.info("triton: %s at %s", self.protocol, self.address)
+
+    def _served_buckets(self) -> list[list[int]]:
+        import json
+
+        config = (self.client.get_model_config(ROUTER, as_json=True)["config"] if self.protocol == "grpc"
+                  else self.client.get_model_config(ROUTER))
+        return json.loads(config.get("parameters", {}).get("buckets", {}).get("string_value", "null") or "null")
 
     def __call__(self, k: int, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         from tritonclient.utils import InferenceServerException
@@ -69,10 +87,16 @@ class TritonVariants:
             item.set_data_from_numpy(array)
             inputs.append(item)
         try:
-            result = self.client.infer(ROUTER, inputs)
+            kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            result = self.client.infer(ROUTER, inputs, **kw)
         except InferenceServerException as e:
             raise MaskoptError(f"Triton at {self.address}: {e.message() if callable(getattr(e, 'message', None)) else e}") from None
-        return torch.from_numpy(np.array(result.as_numpy("out_sample")))
+        except Exception as e:  # the HTTP client raises its transport's own errors (connection lost, timeout)
+            raise MaskoptError(f"Triton at {self.address}: {type(e).__name__}: {str(e).strip()[:200]}") from None
+        out = result.as_numpy("out_sample")
+        if out is None:
+            raise MaskoptError(f"Triton at {self.address}: {ROUTER!r} answered without out_sample")
+        return torch.from_numpy(np.array(out))
 
     def close(self) -> None:
         self.client.close()

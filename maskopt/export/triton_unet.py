@@ -76,10 +76,19 @@ class TritonPythonModel:
                 result = pb_utils.InferenceRequest(
                     model_name=model, requested_output_names=self.outputs, inputs=inputs
                 ).exec()
-                if result.has_error():
-                    raise RuntimeError(f"{model}: {result.error().message()}")
+                if result.has_error():  # the variant's own error (and code: a bad shape stays INVALID_ARG)
+                    responses.append(pb_utils.InferenceResponse(output_tensors=[], error=result.error()))
+                    continue
                 outputs = [pb_utils.get_output_tensor_by_name(result, n) for n in self.outputs]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+            except ValueError as e:  # the request's fault: INVALID_ARG (HTTP 400), which clients must not retry
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(pb_utils, str(e), "INVALID_ARG")))
             except Exception as e:  # one bad request must not fail the others in the batch
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(pb_utils, str(e), "INTERNAL")))
         return responses
+
+
+def _error(pb_utils, message, code):
+    """A TritonError with `code` where this Python backend has error codes (23.05 and later), else without."""
+    value = getattr(pb_utils.TritonError, code, None)
+    return pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message, value)

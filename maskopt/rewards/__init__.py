@@ -22,7 +22,7 @@ A reward is any object with ``name``, ``batch_size`` and ``__call__(images, prom
 ``base.Reward``). ``REWARDS`` maps each name to the module that holds it: its ``load(source | None,
 device, dtype) -> reward``, and, for a reward that reads its prompts, an optional
 ``check_prompts(prompts)`` that ``check`` calls before any model loads (the digits reward needs a digit
-in every prompt). Heavy imports (transformers, image-reward) happen inside the loaders, so importing
+in every prompt). Heavy imports (transformers) happen inside the loaders, so importing
 this is cheap.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -118,3 +118,16 @@ def base_model_source(source: str | None, default: str) -> str:
 def reward_name(kind: str, source: str | None) -> str:
     """The spec that loads this reward again: "clip" or "clip@/models/clip"."""
     return kind if source is None else f"{kind}@{source}"
+
+
+def load_checkpoint(path: str, what: str) -> Any:
+    """torch.load(path, weights_only=True): tensors and plain containers only, never code. A pickle that
+    needs more (or a file that is no checkpoint) is a one-line error naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MaskoptError(f"{what} checkpoint {path} cannot be loaded as plain tensors "
+                           f"(torch.load weights_only=True): {first[:200]}") from None

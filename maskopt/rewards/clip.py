@@ -62,15 +62,15 @@ class Preprocess:
         if self.fit == "crop":
             # As torchvision's Resize(int) and CLIPImageProcessor: the long side keeps the aspect, floored.
             nh, nw = (self.size, int(self.size * w / h)) if h <= w else (int(self.size * h / w), self.size)
-            x = _resize(x, nh, nw, clamp=True)
+            x = _resize(x, nh, nw)
             ch, cw = self.crop
             top, left = int(round((nh - ch) / 2)), int(round((nw - cw) / 2))
             x = x[..., top : top + ch, left : left + cw]
         else:
             scale = self.size / max(h, w)
             nh, nw = round(h * scale), round(w * scale)
-            # HPSv2 (open_clip's ResizeMaxSize) resizes the float tensor and does not clamp the overshoot
-            x = _resize(x, nh, nw, clamp=False)
+            # HPSv2 scores PIL images (hpsv2 1.2.0's open_clip 2.16 resizes in PIL: uint8, the overshoot clipped)
+            x = _resize(x, nh, nw)
             ph, pw = self.size - nh, self.size - nw
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
@@ -78,12 +78,11 @@ class Preprocess:
         return (x - mean) / std
 
 
-def _resize(x: torch.Tensor, h: int, w: int, clamp: bool) -> torch.Tensor:
+def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if tuple(x.shape[-2:]) == (h, w):
         return x
-    y = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-    # clamp: bicubic overshoots at edges, where the PIL-based processors' uint8 output clips
-    return y.clamp(0, 1) if clamp else y
+    # Clamp: bicubic overshoots at edges, where PIL's uint8 output (CLIPImageProcessor's, HPSv2's) clips.
+    return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def load_preprocess(source: str, image_size: int, fit: str = "crop") -> Preprocess:

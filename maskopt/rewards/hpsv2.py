@@ -6,8 +6,8 @@ checkpoint), `hpsv2@xswu/HPSv2/HPS_v2_compressed.pt` (another file of a hub repo
 
 Score: cos(image embedding, text embedding), exactly what hpsv2.score() returns (about 0.2-0.35;
 HPSv2's benchmark tables print 100x this). Images are fitted as HPSv2 does at inference
-(open_clip's ResizeMaxSize: longest side to 224, zero-pad to square; the bicubic overshoot kept, not
-clamped), not centre-cropped. Both towers run ViT-H-14's gelu, whatever the base config omits.
+(open_clip's ResizeMaxSize: longest side to 224, zero-pad to square; in PIL, so the bicubic overshoot
+clipped), not centre-cropped. Both towers run ViT-H-14's gelu, whatever the base config omits.
 
 open_clip is not imported (it conflicts with this torch; see FINDINGS). The checkpoint's state dict
 (``{"state_dict": ...}`` as HPSv2 saves it) is renamed onto transformers' CLIPModel keys, and loaded
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import MaskoptError
-from .base import base_model_source, reward_name, resolve_checkpoint
+from .base import base_model_source, load_checkpoint, reward_name, resolve_checkpoint
 from .clip import ClipEmbedder, ClipScore, load_preprocess, load_tokenizer
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def _few(items: list[str], n: int = 6) -> str:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of an HPSv2 checkpoint: {"state_dict": ...} or a bare state dict, any "module." prefix dropped."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path, "HPSv2")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise MaskoptError(f"{path} holds no state dict (got {type(checkpoint).__name__})")
