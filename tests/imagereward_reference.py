@@ -74,9 +74,14 @@ class _PatchEmbed(nn.Module):
         return self.norm(x)
 
 
+_SHIMMED = ("timm", "timm.models", "timm.models.vision_transformer", "timm.models.registry", "timm.models.layers",
+            "timm.models.helpers", "timm.models.hub", "fairscale", "fairscale.nn", "fairscale.nn.checkpoint",
+            "fairscale.nn.checkpoint.checkpoint_activations")
+
+
 def _shims() -> None:
     def module(name, **attrs):
-        m = sys.modules.get(name) or types.ModuleType(name)
+        m = types.ModuleType(name)
         for k, v in attrs.items():
             setattr(m, k, v)
         sys.modules[name] = m
@@ -127,6 +132,7 @@ _REMOVED_FROM_TRANSFORMERS = {"invert_attention_mask": _invert_attention_mask, "
 
 def load_reference(package: Path) -> types.SimpleNamespace:
     """ImageReward's vit, med and ImageReward modules, executed from the wheel's files."""
+    saved = {name: sys.modules.get(name) for name in _SHIMMED}
     _shims()
     loaded = {}
     for name, rel in (("vit", "models/BLIP/vit.py"), ("med", "models/BLIP/med.py"), ("ImageReward", "ImageReward.py")):
@@ -139,7 +145,12 @@ def load_reference(package: Path) -> types.SimpleNamespace:
         spec = importlib.util.spec_from_loader(f"imagereward_reference_{name}", loader=None)
         mod = importlib.util.module_from_spec(spec)
         mod.__file__ = str(path)
-        exec(compile(text, str(path), "exec"), mod.__dict__)
+        try:
+            exec(compile(text, str(path), "exec"), mod.__dict__)
+        finally:
+            if name == "ImageReward":  # the last: the stand-ins leave sys.modules, the modules keep their names
+                for shimmed, original in saved.items():
+                    sys.modules.pop(shimmed) if original is None else sys.modules.__setitem__(shimmed, original)
         loaded[name] = mod
     # transformers 5's init_weights needs post_init's bookkeeping, which med.py (written for 4.x) never calls;
     # 4.x's init_weights was this (BERT ties no weights)

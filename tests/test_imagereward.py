@@ -10,7 +10,7 @@ from maskopt.errors import MaskoptError
 from maskopt.rewards import imagereward, load_reward
 from maskopt.rewards.clip import OPENAI_MEAN, OPENAI_STD, Preprocess
 
-PROMPTS = ["a red cat on a mat", "two dogs", "a very long prompt " * 8, "x"]
+PROMPTS = ["a red cat on a mat", "two dogs", "a very long prompt " * 12, "x"]  # the third is cut at 35 tokens
 WORDS = "a red cat on mat two dogs very long prompt x the of".split()
 
 

@@ -63,7 +63,11 @@ def server_env() -> tuple[Path | None, str]:
     env = env_dir()
     marker = env / ".maskopt-ready"
     if marker.is_file():
-        if json.loads(marker.read_text() or "{}") == _recipe():
+        try:
+            made_from = json.loads(marker.read_text())
+        except ValueError:
+            made_from = None
+        if made_from == _recipe():
             return _usable(env)
         shutil.rmtree(env)  # ours (it has our marker), made by another Python or other pins
     elif env.exists():
@@ -81,11 +85,14 @@ def server_env() -> tuple[Path | None, str]:
                 return None, f"{' '.join(cmd[:4])}: {e}"
             if r.returncode != 0:
                 return None, f"{' '.join(cmd[:4])} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
-        # a venv's scripts name their folder: make it where it will live, once the build has shown it works
-        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, capture_output=True, timeout=120)
-        shutil.rmtree(env / "lib")
-        shutil.move(str(build / "lib"), str(env / "lib"))
-        (env / ".maskopt-ready").write_text(json.dumps(_recipe()))
+        # marked, then renamed into place in one step: a half-made environment is never where one is looked for.
+        # (Its pip scripts keep the build path; nothing uses them. Its python finds pyvenv.cfg beside itself.)
+        (build / ".maskopt-ready").write_text(json.dumps(_recipe()))
+        try:
+            os.rename(build, env)
+        except OSError:  # another run put one there first
+            if not marker.is_file():
+                raise
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return _usable(env)
@@ -112,9 +119,13 @@ def _check_stub(env: Path) -> str:
     stub = _stub(env)
     if not stub.is_file():
         return f"the wheel has no Python backend stub for Python {PY}"
-    r = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": _library_path(env)})
+    try:
+        r = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "LD_LIBRARY_PATH": _library_path(env)})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot check the Python backend stub's libraries (ldd: {e})"
     missing = [line.split()[0] for line in r.stdout.splitlines() if "not found" in line]
-    return f"the Python backend stub cannot find {', '.join(missing)} (a shared libpython{PY})" if missing else ""
+    return f"the Python backend stub cannot find {', '.join(missing)}" if missing else ""
 
 
 def _free_ports(n: int) -> list[int]:
@@ -198,7 +209,8 @@ class TritonServer:
             try:
                 with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
                     # ours, not another server on a reused port: its log says it serves there
-                    if r.status == 200 and f"127.0.0.1:{grpc}" in self.read_log():
+                    log = self.read_log()
+                    if r.status == 200 and f"HTTPService at 127.0.0.1:{http}" in log and f"127.0.0.1:{grpc}" in log:
                         return True
             except OSError:
                 pass

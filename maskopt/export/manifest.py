@@ -118,7 +118,7 @@ class Manifest:
         return bool(self.engine and self.engine.get("refit"))
 
     def variant_for(self, timestep: Any) -> Variant:
-        """The variant serving `timestep` (a finite number in [0, T), floored): `timestep.rule`."""
+        """The variant serving `timestep` (finite; floored, clamped): `timestep.rule`."""
         from .triton_unet import check_timestep
 
         t = scalar_timestep(timestep)
@@ -153,7 +153,7 @@ class Manifest:
             "model": self.model,
             "num_train_timesteps": self.num_train_timesteps,
             "timestep": {"dtype": "float32", "shape": [1],
-                         "rule": "a finite timestep in [0, num_train_timesteps): floor it, use the variant whose timesteps hold it"},
+                         "rule": "a finite timestep: floor, clamp to [0, num_train_timesteps - 1], use the variant whose timesteps hold it"},
             "precision": self.precision,
             "opset": self.opset,
             "drop": self.drop,

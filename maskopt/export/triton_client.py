@@ -52,19 +52,27 @@ class TritonVariants:
         self.module = _client_module(self.protocol)
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if self.protocol == "http" else {}
         self.timeout_s = timeout_s
+        self.client = None
         try:
-            self.client = self.module.InferenceServerClient(self.address, **kw)
-            ready = self.client.is_model_ready(ROUTER)
-        except Exception as e:  # connection refused, DNS, a non-Triton port: the client's own exception types
-            hint = "" if self.protocol == "grpc" else " (for its gRPC port, give grpc://HOST:PORT)"
-            raise MaskoptError(f"no Triton server answers at {url} ({self.protocol}){hint}: {str(e).strip()[:200]}") from None
-        try:
+            try:
+                self.client = self.module.InferenceServerClient(self.address, **kw)
+                ready = self.client.is_model_ready(ROUTER)
+            except Exception as e:  # connection refused, DNS, a non-Triton port: the client's own exception types
+                hint = "" if self.protocol == "grpc" else " (for its gRPC port, give grpc://HOST:PORT)"
+                raise MaskoptError(f"no Triton server answers at {url} ({self.protocol}){hint}: "
+                                   f"{str(e).strip()[:200]}") from None
             if not ready:
                 raise MaskoptError(f"the Triton server at {url} has no ready model {ROUTER!r}: serve the export's "
                                    "triton/ folder as its model repository")
-            if buckets is not None and self._served_buckets() != [list(b) for b in buckets]:
-                raise MaskoptError(f"the Triton server at {url} serves another export: its {ROUTER!r} routes buckets "
-                                   f"{self._served_buckets()}, this export has {[list(b) for b in buckets]}")
+            if buckets is not None:
+                try:
+                    served = self._served_buckets()
+                except Exception as e:
+                    raise MaskoptError(f"the Triton server at {url}: cannot read {ROUTER!r}'s config: "
+                                       f"{str(e).strip()[:200]}") from None
+                if served != [list(b) for b in buckets]:
+                    raise MaskoptError(f"the Triton server at {url} serves another export: its {ROUTER!r} routes "
+                                       f"buckets {served}, this export has {[list(b) for b in buckets]}")
         except BaseException:
             self.close()
             raise
@@ -99,4 +107,6 @@ class TritonVariants:
         return torch.from_numpy(np.array(out))
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
+            self.client = None

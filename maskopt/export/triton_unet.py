@@ -11,9 +11,9 @@ Its configuration comes from `unet/config.pbtxt`'s parameters:
     variant_inputs       optional JSON [[names], ...]: the inputs each variant takes, when a TensorRT
                          engine dropped one that nothing in it reads; default: all of this model's
 
-A stack that called one U-Net model keeps calling one: same inputs, same output, any timestep in
-[0, T). A request whose timestep is NaN, infinite, negative, T or more, or mixed within the request is
-answered with an error naming it (the others of a batch are served).
+A stack that called one U-Net model keeps calling one: same inputs, same output, any finite timestep
+(floored, clamped into 0..T-1). A request whose timestep is NaN, infinite or mixed within the request is
+answered with an INVALID_ARG error naming it (the others of a batch are served).
 """
 
 import json
@@ -21,12 +21,14 @@ import math
 
 
 def check_timestep(timestep, num_train_timesteps=1000):
-    """A request's timestep must be a number in [0, T): anything else is a client's bug, answered as one."""
+    """A request's timestep must be a finite number; NaN or infinity is a client's bug, answered as one.
+
+    Finite values outside 0..T-1 are routed by the clamp, as maskopt routes them everywhere: diffusers'
+    own schedulers hand the U-Net t = -1 ("trailing" spacing at some step counts) and t = T ("leading"
+    with steps_offset 1 at T steps)."""
     t = float(timestep)
     if not math.isfinite(t):
         raise ValueError(f"timestep {t} is not a finite number")
-    if not 0 <= t < num_train_timesteps:
-        raise ValueError(f"timestep {t:g} is outside 0..{num_train_timesteps - 1}, the scheduler's training timesteps")
     return t
 
 
@@ -36,7 +38,7 @@ def variant_for(timestep, ranges, num_train_timesteps=1000):
     for k, (lo, hi) in enumerate(ranges):
         if lo <= t <= hi:
             return k
-    raise ValueError(f"timestep {timestep} is in no bucket of {ranges}")
+    raise RuntimeError(f"timestep {timestep} is in no bucket of {ranges}: the router's buckets do not cover 0..T-1")
 
 
 def one_timestep(values):

@@ -162,7 +162,7 @@ class ImageRewardScore:
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         out = self.text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, is_decoder=False)
-        rewards = self.head(out.last_hidden_state[:, 0, :]).float()  # (B, 1)
+        rewards = self.head(out.last_hidden_state[:, 0, :].float())  # (B, 1), in float32 as ImageReward.score
         return ((rewards - MEAN) / STD).squeeze(-1).cpu()
 
 
@@ -187,7 +187,8 @@ def load(source: str | None = None, device: str = "cpu", dtype: torch.dtype = to
     vision_state, text_state, head_state = split_checkpoint(state)
     folder = _folder_of(source, path)
     med_path = optional_file(folder or CONFIG_REPO, "med_config.json")
-    med = json.loads(open(med_path, encoding="utf-8").read()) if med_path else MED_CONFIG
+    # BERT-base's values where a med config leaves a key out (BlipTextConfig's own defaults differ: 8 heads)
+    med = {**MED_CONFIG, **(json.loads(open(med_path, encoding="utf-8").read()) if med_path else {})}
     vconfig = vision_config(vision_state)
     vision = BlipVisionModel(vconfig)
     text = BlipTextModel(text_config(med, vconfig.hidden_size), add_pooling_layer=False)
@@ -195,5 +196,6 @@ def load(source: str | None = None, device: str = "cpu", dtype: torch.dtype = to
     _load_into(vision, vision_state, "visual encoder")
     _load_into(text, text_state, "text encoder")
     _load_into(head, head_state, "MLP head")
-    models = [m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (vision, text, head)]
-    return ImageRewardScore(*models, load_tokenizer(folder), name=reward_name("imagereward", source))
+    vision, text = (m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (vision, text))
+    head = head.to(device=device, dtype=torch.float32).eval().requires_grad_(False)  # ImageReward: .float() first
+    return ImageRewardScore(vision, text, head, load_tokenizer(folder), name=reward_name("imagereward", source))
