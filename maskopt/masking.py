@@ -51,17 +51,26 @@ def bucket_inputs(unet: nn.Module, masks: MaskSet, bucket: int) -> dict[str, tor
             module = unet.get_submodule(name)
             s = scales.setdefault(name, torch.ones(module.in_channels, dtype=torch.float64))
             s[channels] *= value
-    p = next(unet.parameters())  # on the U-Net's device: no host-to-device copy at every resnet call
-    return {n: s.to(device=p.device, dtype=p.dtype) for n, s in scales.items()}
+    # float32 on the U-Net's device: no host-to-device copy at every resnet call, and a half-precision U-Net
+    # is scaled as FreeU scales it (by the float, the product rounded once)
+    p = next(unet.parameters())
+    return {n: s.to(device=p.device, dtype=torch.float32) for n, s in scales.items()}
 
 
 def _scale_first(args: tuple, kwargs: dict, scale: torch.Tensor) -> tuple[tuple, dict]:
     """(args, kwargs) with the module's first input (a ResnetBlock2D's input_tensor) times `scale`, which
     broadcasts over it: (1 or batch, channels, 1, 1)."""
     if args:
-        return (args[0] * scale.to(args[0].device, args[0].dtype), *args[1:]), kwargs
-    x = kwargs["input_tensor"]
-    return args, {**kwargs, "input_tensor": x * scale.to(x.device, x.dtype)}
+        return (_times(args[0], scale), *args[1:]), kwargs
+    return args, {**kwargs, "input_tensor": _times(kwargs["input_tensor"], scale)}
+
+
+def _times(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * scale in x's dtype; a half-precision x is multiplied in float32 and rounded once, as FreeU's
+    `x * b` with a Python float is (a float32 x: the same single multiply)."""
+    if x.dtype == scale.dtype:
+        return x * scale
+    return (x.float() * scale.float()).to(x.dtype)
 
 
 def scale_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -174,7 +183,7 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
         self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in sorted({i for rows in per_input for s in rows for i in s}):
             module = unet.get_submodule(name)
-            si = torch.ones(k, n, module.in_channels, dtype=next(unet.parameters()).dtype)
+            si = torch.ones(k, n, module.in_channels, dtype=torch.float32)
             for c in range(n):
                 for b in range(k):
                     if name in per_input[c][b]:
@@ -267,7 +276,7 @@ def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check
     inputs = bucket_inputs(unet, masks, bucket)
     p = next(unet.parameters())
     for name in sorted({n for u in masks.units for n, _ in u.inputs(unet)}):
-        inputs.setdefault(name, torch.ones(unet.get_submodule(name).in_channels, dtype=p.dtype, device=p.device))
+        inputs.setdefault(name, torch.ones(unet.get_submodule(name).in_channels, dtype=torch.float32, device=p.device))
     with torch.no_grad():
         for n, s in bucket_scales(variant, masks, bucket).items():
             p = variant.get_parameter(n)

@@ -146,3 +146,16 @@ def test_a_backbone_unit_must_be_a_decoder_block():
     for name in ("down_blocks.0", "up_blocks.0.resnets.0"):
         with pytest.raises(MaskoptError, match="a decoder block where diffusers applies FreeU"):
             MaskSet.ones(unet, [Unit(name, "backbone")])
+
+
+def test_a_bfloat16_unet_is_scaled_as_freeu_scales_it():
+    """FreeU multiplies by the Python float and rounds once; the units do the same (a bfloat16 scale would
+    be 1.296875 for 1.3): equal to the last bit here."""
+    unet = tiny_unet().to(torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) for k, v in unet_inputs(unet).items()}
+    masks = freeu_masks(unet, [(B1, B2)])
+    with enabled(unet, FreeU(B1, B2, 1, 1)):
+        ref = run(unet, 100, kw)
+    with apply(unet, masks):
+        out = run(unet, 100, kw)
+    assert not torch.equal(ref, run(unet, 100, kw)) and torch.equal(out, ref)
