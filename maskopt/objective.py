@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .errors import MaskoptError
+from .rewards import finite_weight
 
 SET_TERMS = ("diversity", "frechet")
 INFEASIBLE_LOSS = 1e5  # above any feasible loss (|objective| well below it), below a failed candidate's (1e6)
@@ -80,13 +81,7 @@ class Objective:
         for term in terms:
             name, _, weight = term.rpartition("=") if "=" in term else (term, "", "1")
             if name.strip() in SET_TERMS:
-                try:
-                    w = float(weight)
-                except ValueError:
-                    w = math.nan
-                if not math.isfinite(w):
-                    raise MaskoptError(f"bad weight '{weight}' in reward term '{term}': give a finite number")
-                weights[name.strip()] = w
+                weights[name.strip()] = finite_weight(weight, term)
             else:
                 kept.append(term)
         if not kept:

@@ -98,9 +98,8 @@ def space(kind: str, n_buckets: int, n_units: int, gate_range: tuple[float, floa
     is_bb = _backbone_mask(n_buckets, n_units, backbone)
     if kind == "gates":
         _check_range(gate_range)
-        lo, hi = gate_range
-        param = ng.p.Array(init=np.ones(n), lower=np.where(is_bb, BACKBONE_RANGE[0], lo),
-                           upper=np.where(is_bb, BACKBONE_RANGE[1], hi))
+        lower, upper = _gate_bounds(is_bb, gate_range)
+        param = ng.p.Array(init=np.ones(n), lower=lower, upper=upper)
     elif is_bb.all():  # FreeU's factors alone
         param = ng.p.Choice(list(BACKBONE_GRID), repetitions=n, deterministic=True)
         param.value = encode(np.ones((n_buckets, n_units)), kind, backbone)
@@ -115,6 +114,11 @@ def space(kind: str, n_buckets: int, n_units: int, gate_range: tuple[float, floa
         param.value = encode(np.ones((n_buckets, n_units)), kind, backbone)
     param.random_state = np.random.RandomState(seed)
     return param
+
+
+def _gate_bounds(is_bb: np.ndarray, gate_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The gates space's lower and upper bound of each value: BACKBONE_RANGE for backbone units, else gate_range."""
+    return (np.where(is_bb, BACKBONE_RANGE[0], gate_range[0]), np.where(is_bb, BACKBONE_RANGE[1], gate_range[1]))
 
 
 def _backbone_mask(n_buckets: int, n_units: int, backbone: Sequence[int]) -> np.ndarray:
@@ -163,9 +167,7 @@ def check_point(values: Any, kind: str, gate_range: tuple[float, float], backbon
         except MaskoptError as e:
             raise MaskoptError(f"{what}: {e}") from None
         return
-    is_bb = _backbone_mask(*values.shape, backbone).reshape(values.shape)
-    lo = np.where(is_bb, BACKBONE_RANGE[0], gate_range[0])
-    hi = np.where(is_bb, BACKBONE_RANGE[1], gate_range[1])
+    lo, hi = (b.reshape(values.shape) for b in _gate_bounds(_backbone_mask(*values.shape, backbone), gate_range))
     bad = (values < lo) | (values > hi)
     if bad.any():
         k, j = map(int, np.argwhere(bad)[0])

@@ -20,20 +20,11 @@ import json
 import math
 
 
-def check_timestep(timestep, num_train_timesteps=1000):
-    """A request's timestep must be a finite number; NaN or infinity is a client's bug, answered as one.
-
-    Finite values outside 0..T-1 are routed by the clamp, as maskopt routes them everywhere: diffusers'
-    own schedulers hand the U-Net t = -1 ("trailing" spacing at some step counts) and t = T ("leading"
-    with steps_offset 1 at T steps)."""
-    t = float(timestep)
-    if not math.isfinite(t):
-        raise ValueError(f"timestep {t} is not a finite number")
-    return t
-
-
 def variant_for(timestep, ranges, num_train_timesteps=1000):
-    """Index of the bucket holding `timestep`: floored, clamped into 0 .. T-1 (maskopt's Buckets.index rule)."""
+    """Index of the bucket holding `timestep`: floored, clamped into 0 .. T-1 (maskopt's Buckets.index rule).
+
+    Clamped, not refused: diffusers' own schedulers hand the U-Net t = -1 ("trailing" spacing at some step
+    counts) and t = T ("leading" with steps_offset 1 at T steps). `one_timestep` refuses NaN and infinity."""
     t = min(max(math.floor(float(timestep)), 0), num_train_timesteps - 1)
     for k, (lo, hi) in enumerate(ranges):
         if lo <= t <= hi:
@@ -72,7 +63,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 t = one_timestep(pb_utils.get_input_tensor_by_name(request, "timestep").as_numpy())
-                k = variant_for(check_timestep(t, self.num_train_timesteps), self.ranges, self.num_train_timesteps)
+                k = variant_for(t, self.ranges, self.num_train_timesteps)
                 model = self.variants[k]
                 inputs = [pb_utils.get_input_tensor_by_name(request, n) for n in self.variant_inputs[k]]
                 result = pb_utils.InferenceRequest(

@@ -70,6 +70,17 @@ def _parse_term(term: str) -> tuple[str, str | None]:
     return name, source or None
 
 
+def finite_weight(weight: str, term: str) -> float:
+    """The weight of a `name=weight` term, a finite number; MaskoptError naming the term otherwise."""
+    try:
+        w = float(weight)
+    except ValueError:
+        w = math.nan
+    if not math.isfinite(w):
+        raise MaskoptError(f"bad weight '{weight}' in reward term '{term}': give a finite number")
+    return w
+
+
 def _parse_weighted(spec: str) -> list[tuple[str, float]]:
     terms = []
     for part in spec.split(","):
@@ -78,13 +89,7 @@ def _parse_weighted(spec: str) -> list[tuple[str, float]]:
         term, eq, weight = (p.strip() for p in part.rpartition("="))
         if not eq or not term:
             raise MaskoptError(f"reward term '{part.strip()}' needs a name and a weight, e.g. 'clip=1,aesthetic=0.5'")
-        try:
-            w = float(weight)
-        except ValueError:
-            w = math.nan
-        if not math.isfinite(w):
-            raise MaskoptError(f"bad weight '{weight}' in reward term '{part.strip()}': give a finite number")
-        terms.append((term, w))
+        terms.append((term, finite_weight(weight, part.strip())))
     specs = [t for t, _ in terms]
     if len(set(specs)) != len(specs):
         raise MaskoptError(f"reward '{spec}' names a term twice; merge the weights instead")

@@ -131,3 +131,11 @@ def load_checkpoint(path: str, what: str) -> Any:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MaskoptError(f"{what} checkpoint {path} cannot be loaded as plain tensors "
                            f"(torch.load weights_only=True): {first[:200]}") from None
+
+
+def fit(state: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+    """How a state dict misses a model's: (keys not filled, keys it lacks, keys of another shape), each sorted."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    return missing, extra, wrong

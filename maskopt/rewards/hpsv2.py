@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import MaskoptError
-from .base import base_model_source, load_checkpoint, reward_name, resolve_checkpoint
+from .base import base_model_source, fit, load_checkpoint, reward_name, resolve_checkpoint
 from .clip import ClipEmbedder, ClipScore, load_preprocess, load_tokenizer
 
 if TYPE_CHECKING:
@@ -109,13 +109,8 @@ def check_complete(state: dict[str, torch.Tensor], config: "CLIPConfig") -> None
 
     with torch.device("meta"):  # shapes only: no memory, no init
         expected = {k: tuple(v.shape) for k, v in CLIPModel(config).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {shape}"
-        for k, shape in expected.items()
-        if k in state and tuple(state[k].shape) != shape
-    ]
+    missing, extra, wrong = fit(state, expected)
+    wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in wrong]
     problems = [
         f"{len(missing)} CLIPModel keys not filled: {_few(missing)}" if missing else "",
         f"{len(extra)} keys CLIPModel does not have: {_few(extra)}" if extra else "",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MaskoptError
-from .base import batched, load_checkpoint, optional_file, resolve_checkpoint, reward_name
+from .base import batched, fit, load_checkpoint, optional_file, resolve_checkpoint, reward_name
 from .clip import OPENAI_MEAN, OPENAI_STD, Preprocess
 
 DEFAULT_CHECKPOINT = "THUDM/ImageReward/ImageReward.pt"
@@ -117,10 +117,7 @@ def head_module(head: dict[str, torch.Tensor]) -> nn.Sequential:
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, extra, wrong = fit(state, {k: tuple(v.shape) for k, v in module.state_dict().items()})
     if missing or extra or wrong:
         parts = [f"{len(missing)} unfilled ({', '.join(missing[:4])})" if missing else "",
                  f"{len(extra)} unknown ({', '.join(extra[:4])})" if extra else "",
