@@ -53,6 +53,12 @@ def entry_loss(entry: dict) -> float:
     return -entry["objective"]
 
 
+def choosable(entry: dict) -> bool:
+    """Whether a journal entry may become the best (the incumbent, the mask file's values): scored, and on
+    every image (a raced candidate stopped early only has an estimate), and within the bounds."""
+    return not entry["failed"] and entry.get("feasible", True) and "partial" not in entry
+
+
 def key(values: Any) -> bytes:
     """A candidate's identity: its values as float64 bytes."""
     return np.asarray(values, dtype=np.float64).ravel().tobytes()

@@ -119,6 +119,18 @@ def inspect(model: str | None, targets: tuple[str, ...], groups: int | None, lis
 @click.option("--sparsity", type=float, default=None, help="Objective bonus (>0) or penalty (<0) per removed unit.")
 @click.option("--batch-size", type=int, default=None, help="Images per candidate per pipeline call (default: all at once; --workers W puts W candidates in each call).")
 @click.option("--cache", type=int, default=None, help="Trajectory cache entries; 0 turns reuse off.")
+@click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Evaluators on Ray: alone, a local instance; auto or ray://HOST:PORT, a cluster (pip install -e \".[ray]\").")
+@click.option("--evaluators", type=int, default=None, help="Ray evaluators (default 0: one per GPU with --device cuda, else one per CPU).")
+@click.option("--ray-gpus-per-evaluator", type=float, default=None, help="GPUs per Ray evaluator (default 1).")
+@click.option("--race/--no-race", default=None, help="Score images in chunks and stop candidates that clearly cannot "
+              "beat the best so far (default: on, off when the reward weighs set-level terms).")
+@click.option("--race-looks", default=None, help="Shares of the images after which a candidate can stop, e.g. 0.2,0.5 "
+              "(default 0.25).")
+@click.option("--race-alpha", type=float, default=None,
+              help="Nominal chance of stopping a candidate that would beat the best by the margin (default 0.025).")
+@click.option("--race-margin", type=float, default=None, help="Indifference zone, in standard deviations of the "
+              "baseline's per-image rewards: also stop candidates that would gain less (default 0).")
 @click.option("--seed", type=int, default=None, help="Optimizer seed.")
 @click.option("--out", default=None, help="Output folder (default: a new runs/search-DATE-TIME).")
 @click.option("--recipe", type=click.Path(), default=None, help="YAML file of settings; flags override it.")
@@ -129,24 +141,30 @@ def search(recipe: str | None, **flags) -> None:
     """Search per-bucket mask values against a reward, without gradients."""
     from tqdm import tqdm
 
+    from .asktell import choosable
     from .config import resolve
     from .search import run_search
 
     cfg = resolve(recipe, **flags)
     bar = None  # made at the first evaluation, so input errors print alone
-    shown = {"best": float("-inf"), "hits": 0, "calls": 0}  # over this run's evaluations
+    shown = {"best": float("-inf"), "hits": 0, "calls": 0, "stopped": 0}  # over this run's evaluations
 
     def progress(entry: dict) -> None:
         nonlocal bar
-        if bar is None:
-            bar = tqdm(total=cfg.budget, initial=entry["i"], desc="search", unit="eval", dynamic_ncols=True)
-        if not entry["failed"] and entry.get("feasible", True):  # the best a mask file could hold
+        if bar is None:  # in images scored, of the naive total (every candidate on every image)
+            bar = tqdm(total=entry["images_naive"], initial=entry["images_done"] - entry["images"], desc="search",
+                       unit="img", dynamic_ncols=True)
+        if choosable(entry):  # the best a mask file could hold
             shown["best"] = max(shown["best"], entry["reward"])
         shown["hits"] += entry["cache_hits"]
         shown["calls"] += entry["cache_hits"] + entry["unet_calls"]
-        bar.update(1)
+        shown["stopped"] += "partial" in entry
+        bar.update(entry["images"])
         # U-Net calls replayed from the trajectory cache so far, of all this run's calls
-        bar.set_postfix(best=f"{shown['best']:.4f}", cache_hits=f"{shown['hits']}/{shown['calls']}", refresh=False)
+        bar.set_postfix(evals=f"{entry['i'] + 1}/{cfg.budget}", best=f"{shown['best']:.4f}",
+                        **({"stopped": shown["stopped"]} if cfg.race else {}),
+                        **({"evaluators": entry["evaluators"]} if "evaluators" in entry else {}),
+                        cache_hits=f"{shown['hits']}/{shown['calls']}", refresh=False)
 
     try:
         result = run_search(cfg, progress)

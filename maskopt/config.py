@@ -29,6 +29,8 @@ from .models import EMBEDDED
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("sweep", "joint")
+RACE_MARGIN = 0.0  # benchmarks/time_to_gain.py, docs/benchmarks.md "Racing"
+RACE_LOOKS = (0.25,)
 
 
 @dataclass
@@ -62,14 +64,22 @@ class SearchConfig:
     sparsity: float = 0.0  # objective bonus (>0) or penalty (<0) per unit removed (per bucket, / K)
     batch_size: int = 0  # images per candidate per pipeline call; 0: all of them at once
     cache: int = 256  # trajectory cache entries (U-Net outputs); 0 turns reuse off
+    race: bool | None = None  # score in chunks, stop clear losers early (race.py); resolved: on, off with weighted set terms
+    race_looks: list[float] = field(default_factory=lambda: list(RACE_LOOKS))  # shares of the images after which a candidate can stop
+    race_alpha: float = 0.025  # nominal chance of stopping a candidate that would beat the incumbent by the margin
+    race_margin: float = RACE_MARGIN  # indifference zone, in standard deviations of the baseline's per-image rewards
     seed: int = 0  # optimizer seed
     out: str | None = None  # resolved: a new runs/search-YYYYmmdd-HHMMSS, so rerunning never collides
     resume: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    ray: str = "off"  # evaluators on Ray (cluster.py): "local" (this machine), "auto", "ray://host:port"; off
+    evaluators: int = 0  # Ray actors; 0: one per GPU with --device cuda, else one per CPU
+    ray_gpus_per_evaluator: float = 1.0  # GPUs per Ray actor, with --device cuda
 
     # Settings that do not change what a search computes: free to differ on --resume.
-    RUNTIME = ("out", "resume", "budget", "workers", "device", "cache", "batch_size")
+    RUNTIME = ("out", "resume", "budget", "workers", "device", "cache", "batch_size", "ray", "evaluators",
+               "ray_gpus_per_evaluator")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SearchConfig":
@@ -87,6 +97,8 @@ class SearchConfig:
         resumes and an edited one does not; a local model folder is compared by its absolute path.
         """
         d = {k: v for k, v in self.settings().items() if k not in ("prompts", "holdout_prompts")}
+        if not self.race:  # the race's settings change nothing when it is off
+            d = {k: v for k, v in d.items() if not k.startswith("race_")}
         if Path(self.model).expanduser().exists():
             d["model"] = str(Path(self.model).expanduser().resolve())
         return d
@@ -105,6 +117,15 @@ class SearchConfig:
                 raise MaskoptError(f"--{name.replace('_', '-')} must be 0 ({zero}) or more, got {getattr(self, name)}")
         if self.buckets > self.steps:
             raise MaskoptError(f"--buckets {self.buckets} is larger than the number of sampling steps ({self.steps})")
+        looks = self.race_looks
+        if not looks or any(not 0 < f < 1 for f in looks) or list(looks) != sorted(set(looks)):
+            raise MaskoptError(f"--race-looks {','.join(map(str, looks)) or '(none)'}: give increasing shares of the "
+                               "images between 0 and 1, e.g. 0.25 or 0.2,0.5")
+        if not 0 < self.race_alpha < 1:
+            raise MaskoptError(f"--race-alpha must be between 0 and 1 (an error rate), got {self.race_alpha}")
+        if not self.race_margin >= 0:  # NaN too
+            raise MaskoptError(f"--race-margin must be 0 or more (standard deviations of the baseline's rewards), "
+                               f"got {self.race_margin}")
         if self.strategy not in STRATEGIES:
             raise MaskoptError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if self.size is not None:
@@ -150,6 +171,12 @@ def _coerce(name: str, value: Any) -> Any:
         return parse_size(value)
     if name == "gate_range":
         return parse_range(value)
+    if name == "race_looks":
+        try:
+            return [float(f) for f in (value.split(",") if isinstance(value, str) else [value] if
+                                       isinstance(value, (int, float)) else value)]
+        except (TypeError, ValueError):
+            raise MaskoptError(f"race_looks {value!r}: give shares of the images, e.g. 0.25 or 0.2,0.5") from None
     if name in ("targets", "requires", "init"):
         value = [value] if isinstance(value, str) else list(value) if isinstance(value, tuple) else value
         if not isinstance(value, list) or not all(isinstance(t, str) for t in value) or (name == "targets" and not value):
@@ -247,6 +274,7 @@ def complete(cfg: SearchConfig) -> SearchConfig:
     fill["reference"] = cfg.reference or (EMBEDDED if embedded else "none")
     fill["optimizer"] = cfg.optimizer or default_optimizer(cfg.space)
     fill["groups"] = cfg.groups or (4 if cfg.space == "groups" else 1)
+    fill["race"] = _race(cfg)
     # files that exist are recorded by absolute path: a mask file's provenance is read from other folders (eval)
     for name in ("prompts", "holdout_prompts", "reference"):
         value = fill.get(name, getattr(cfg, name))
@@ -261,3 +289,16 @@ def complete(cfg: SearchConfig) -> SearchConfig:
         fill["scheduler"] = cfg.scheduler or info.scheduler
         fill["size"] = cfg.size or info.size
     return dataclasses.replace(cfg, **fill)
+
+
+def _race(cfg: SearchConfig) -> bool:
+    """Racing compares per-image rewards; a weighted set-level term (diversity, frechet) is only known on the
+    whole set, so a partial candidate's objective cannot be bounded: such searches score every image.
+    Bounds alone (--require) can only make a full score worse, so they race."""
+    from .objective import Objective
+
+    weighted = Objective.parse(cfg.reward or "digits", cfg.requires).weights if cfg.reward else {}
+    if weighted and cfg.race:
+        raise MaskoptError(f"--race: the reward weighs set-level terms ({', '.join(weighted)}), known only once every "
+                           "image is scored; pass --no-race, or bound them with --require instead")
+    return False if weighted else (True if cfg.race is None else cfg.race)

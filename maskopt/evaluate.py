@@ -48,22 +48,34 @@ class Evaluation:
     unet_calls: int  # U-Net calls actually run
     images: torch.Tensor | None = None
     measures: dict[str, float] = field(default_factory=dict)  # set-level terms of its images (objective.py)
+    scored: list[bool] | None = None  # racing: which images were scored (None: all); the others' rewards are NaN
+    stopped: str | None = None  # racing: why it stopped before its last chunk (None: scored on every image)
 
     @property
     def failed(self) -> bool:
         """A reward or a set-level measure that is NaN or inf: the candidate cannot be compared."""
-        return not all(math.isfinite(r) for r in [*self.rewards, *self.measures.values()])
+        scored = self.rewards if self.scored is None else [r for r, s in zip(self.rewards, self.scored) if s]
+        return not all(math.isfinite(r) for r in [*scored, *self.measures.values()])
+
+    @property
+    def images_scored(self) -> int:
+        return len(self.rewards) if self.scored is None else int(sum(self.scored))
 
     def per_prompt(self, n_prompts: int) -> list[float]:
         return np.asarray(self.rewards).reshape(-1, n_prompts).mean(0).tolist()
 
 
 class TrajectoryCache:
-    """U-Net outputs keyed by (step, visited buckets' values); least recently used entries go first."""
+    """U-Net outputs keyed by (step, visited buckets' values); least recently used entries go first.
+
+    Capacity is counted in U-Net outputs of a whole evaluation's images: the output of a chunk of a raced
+    evaluation, or of one `--batch-size` call, weighs its share of the images, so a raced search keeps as
+    many candidates' trajectories as a plain one in the same memory."""
 
     def __init__(self, max_entries: int = 512) -> None:
         self.max_entries = max_entries
-        self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._store: OrderedDict[tuple, tuple[torch.Tensor, float]] = OrderedDict()
+        self._weight = 0.0
         self.hits = 0
         self.misses = 0
 
@@ -71,18 +83,24 @@ class TrajectoryCache:
         return len(self._store)
 
     def get(self, key: tuple) -> torch.Tensor | None:
-        out = self._store.get(key)
-        if out is not None:
-            self._store.move_to_end(key)
-        return out
+        item = self._store.get(key)
+        if item is None:
+            return None
+        self._store.move_to_end(key)
+        return item[0]
 
-    def put(self, key: tuple, out: torch.Tensor) -> None:
+    def put(self, key: tuple, out: torch.Tensor, weight: float = 1.0) -> None:
+        """Keep `out`, which holds `weight` of an evaluation's images (1: all of them)."""
         if self.max_entries <= 0:
             return
-        self._store[key] = out
+        if key in self._store:
+            self._weight -= self._store[key][1]
+        self._store[key] = (out, weight)
+        self._weight += weight
         self._store.move_to_end(key)
-        while len(self._store) > self.max_entries:
-            self._store.popitem(last=False)
+        while self._weight > self.max_entries + 1e-9 and len(self._store) > 1:
+            _, (_, w) = self._store.popitem(last=False)
+            self._weight -= w
 
 
 class Stepper:
@@ -95,8 +113,9 @@ class Stepper:
     """
 
     def __init__(self, forward: Callable, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
-                 tag: Any = 0, gate: per_sample | None = None) -> None:
+                 tag: Any = 0, gate: per_sample | None = None, share: float = 1.0) -> None:
         self.forward, self.images, self.cache, self.tag, self.gate = forward, images, cache, tag, gate
+        self.share = share  # this run's images, as a share of an evaluation's (the cache's unit)
         self.buckets = masksets[0].buckets
         self.rows = [[tuple(r) for r in m.values] for m in masksets]  # per candidate, per bucket
         self.candidates = len(masksets)
@@ -137,7 +156,7 @@ class Stepper:
                 self.calls[c] += 1
                 if cache is not None:
                     cache.misses += 1
-                    cache.put(keys[c], y[(own == c).to(y.device)].detach())
+                    cache.put(keys[c], y[(own == c).to(y.device)].detach(), self.share)
             full = y if len(todo) == w else y.new_empty((big,) + y.shape[1:])
             if len(todo) < w:
                 full[idx.to(y.device)] = y
@@ -156,9 +175,9 @@ class Stepper:
 
 @contextmanager
 def stepping(unet: torch.nn.Module, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
-             tag: Any = 0, gate: per_sample | None = None) -> Iterator[Stepper]:
+             tag: Any = 0, gate: per_sample | None = None, share: float = 1.0) -> Iterator[Stepper]:
     """`unet.forward` replaced by a `Stepper` for one sampling run; yields it (its per-candidate counts)."""
-    stepper = Stepper(unet.forward, masksets, images, cache, tag, gate)
+    stepper = Stepper(unet.forward, masksets, images, cache, tag, gate, share)
     unet.forward = stepper
     try:
         yield stepper
@@ -261,20 +280,9 @@ class Evaluator:
         masksets = [self.template.with_values(v) for v in candidates]
         w, n = len(masksets), len(self.image_prompts)
         step = self.batch_size or n
-        unet = self.pipe.unet
-        masking = apply(unet, masksets[0], check=False) if w == 1 else per_sample(unet, masksets)
-        hits, calls = [0] * w, [0] * w
-        images: list[list[torch.Tensor]] = [[] for _ in range(w)]
-        with full_fp32(unet.device):  # sampling and scoring alike
-            with masking:
-                for start in range(0, n, step):
-                    m = min(step, n - start)
-                    with stepping(unet, masksets, m, self.cache, start, masking if w > 1 else None) as run:
-                        out = self._sample(slice(start, start + m), w)
-                    for c in range(w):
-                        images[c].append(out[c * m:(c + 1) * m])
-                        hits[c], calls[c] = hits[c] + run.hits[c], calls[c] + run.calls[c]
-            per = [torch.cat(chunks) for chunks in images]
+        parts = [np.arange(start, min(start + step, n)) for start in range(0, n, step)]
+        with full_fp32(self.pipe.unet.device):  # sampling and scoring alike
+            per, hits, calls = self._images(masksets, parts, [int(p[0]) for p in parts])
             scores = self._score(torch.cat(per), self.image_prompts * w)
         seconds = (time.perf_counter() - t0) / w
         results = []
@@ -285,6 +293,98 @@ class Evaluator:
             results.append(Evaluation(mean, rewards, seconds, hits[c], calls[c], per[c] if keep_images else None,
                                       measures))
         return results
+
+    def score(self, candidates: Sequence[np.ndarray], plan: Sequence[np.ndarray] | None = None,
+              against: Any = None) -> list[Evaluation]:
+        """A group's evaluations as a search makes them: every image at once (`plan` None), or raced chunk by
+        chunk over `plan` against `against` (race.Against; None: the baseline, which nothing stops)."""
+        if plan is None:
+            return self.many(candidates)
+        return self.race(candidates, plan, against.stop if against is not None else (lambda c, idx, r: None))
+
+    def race(self, candidates: Sequence[np.ndarray], chunks: Sequence[np.ndarray],
+             stop: Callable[[int, np.ndarray, np.ndarray], str | None]) -> list[Evaluation]:
+        """Evaluate candidates chunk by chunk (image indices, the same chunks for every candidate, race.py).
+
+        After each chunk but the last, `stop(c, scored, rewards)` (candidate c, the indices of its images
+        scored so far and their rewards) says why candidate c stops there, or None; a candidate with a NaN or
+        inf reward stops at once (it is failed whatever its other images score). The others go on together.
+        Each chunk's time is split evenly among the candidates that ran it.
+        """
+        masksets = [self.template.with_values(v) for v in candidates]
+        w, n = len(masksets), len(self.image_prompts)
+        rewards = np.full((w, n), np.nan)
+        scored = np.zeros((w, n), dtype=bool)
+        hits, calls, seconds = [0] * w, [0] * w, [0.0] * w
+        stopped: list[str | None] = [None] * w
+        kept: list[list[tuple[np.ndarray, torch.Tensor]]] = [[] for _ in range(w)]  # for the set-level terms
+        active = list(range(w))
+        with full_fp32(self.pipe.unet.device):
+            for j, chunk in enumerate(chunks):
+                if not active:
+                    break
+                t0 = time.perf_counter()
+                step = self.batch_size or len(chunk)
+                parts = [chunk[s:s + step] for s in range(0, len(chunk), step)]
+                # tags (chunk, offset): a chunk's cache entries serve the same chunk of later candidates
+                per, h, cl = self._images([masksets[c] for c in active], parts,
+                                          [(j, s) for s in range(0, len(chunk), step)])
+                scores = self._score(torch.cat(per), [self.image_prompts[i] for i in chunk] * len(active))
+                m = len(chunk)
+                for a, c in enumerate(active):
+                    rewards[c, chunk] = scores[a * m:(a + 1) * m].double().numpy()
+                    scored[c, chunk] = True
+                    hits[c], calls[c] = hits[c] + h[a], calls[c] + cl[a]
+                    if self.measure is not None:
+                        kept[c].append((chunk, per[a]))
+                dt = (time.perf_counter() - t0) / len(active)
+                for c in active:
+                    seconds[c] += dt
+                if j == len(chunks) - 1:
+                    break
+                going = []
+                for c in active:
+                    idx = np.flatnonzero(scored[c])
+                    if not np.isfinite(rewards[c, idx]).all():
+                        stopped[c] = "a reward is NaN or inf"
+                    else:
+                        stopped[c] = stop(c, idx, rewards[c, idx])
+                    if stopped[c] is None:
+                        going.append(c)
+                active = going
+        results = []
+        for c in range(w):
+            done = bool(scored[c].all())
+            r = rewards[c][scored[c]]
+            mean = float(r.mean()) if np.isfinite(r).all() else float("nan")
+            measures = {}
+            if self.measure is not None and done:
+                order = np.concatenate([idx for idx, _ in kept[c]])
+                images = torch.cat([im for _, im in kept[c]])[torch.as_tensor(np.argsort(order))]  # (seed, prompt) order
+                measures = self.measure(images)
+            results.append(Evaluation(mean, rewards[c].tolist(), seconds[c], hits[c], calls[c], None, measures,
+                                      None if done else scored[c].tolist(), stopped[c]))
+        return results
+
+    def _images(self, masksets: list[MaskSet], parts: Sequence[np.ndarray], tags: Sequence[Any],
+                ) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """Every candidate's images of the image indices in `parts` (one pipeline call each, cache tag
+        `tags[i]`), concatenated per candidate; and per candidate its U-Net calls replayed and run."""
+        w = len(masksets)
+        unet = self.pipe.unet
+        masking = apply(unet, masksets[0], check=False) if w == 1 else per_sample(unet, masksets)
+        hits, calls = [0] * w, [0] * w
+        images: list[list[torch.Tensor]] = [[] for _ in range(w)]
+        with masking:
+            for idx, tag in zip(parts, tags):
+                m = len(idx)
+                with stepping(unet, masksets, m, self.cache, tag, masking if w > 1 else None,
+                              m / len(self.image_prompts)) as run:
+                    out = self._sample(idx, w)
+                for c in range(w):
+                    images[c].append(out[c * m:(c + 1) * m])
+                    hits[c], calls[c] = hits[c] + run.hits[c], calls[c] + run.calls[c]
+        return [torch.cat(chunks) for chunks in images], hits, calls
 
     @torch.no_grad()
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -300,15 +400,15 @@ class Evaluator:
             raise MaskoptError(f"the reward {name} raised {type(e).__name__}: {first} (-vv shows the traceback)") from e
 
     @torch.no_grad()
-    def _sample(self, chunk: slice, copies: int = 1) -> torch.Tensor:
-        """The chunk's images, `copies` times over (one copy per candidate), with the same latents in each."""
+    def _sample(self, idx: np.ndarray, copies: int = 1) -> torch.Tensor:
+        """The images of indices `idx`, `copies` times over (one copy per candidate), with the same latents in each."""
         device = self.pipe.unet.device
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in self.image_seeds[chunk]]
+        generators = [torch.Generator(device="cpu").manual_seed(self.image_seeds[i]) for i in idx]
         kwargs = dict(height=self.size[0], width=self.size[1]) if self.size else {}
         # Latents drawn on the CPU per seed, so an image is the same on any device and in any batch.
         latents = self._latents(generators, kwargs).to(device)
         out = self.pipe(
-            self.image_prompts[chunk] * copies,
+            [self.image_prompts[i] for i in idx] * copies,
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
             latents=latents.repeat(copies, *([1] * (latents.dim() - 1))),

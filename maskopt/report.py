@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .asktell import choosable
 from .config import SearchConfig
 from .maskset import MaskSet
 from .stats import SMALL_N, Paired
@@ -27,10 +28,13 @@ def _plt():
 
 def plot_progress(entries: Sequence[dict], path: Path) -> None:
     plt = _plt()
-    r = np.array([e["reward"] if not e["failed"] and e.get("feasible", True) else np.nan for e in entries])
+    r = np.array([e["reward"] if choosable(e) else np.nan for e in entries])
     best = np.fmax.accumulate(np.nan_to_num(r, nan=-np.inf))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(r, ".", alpha=0.5, label="candidate")
+    stopped = [(e["i"], e["partial"]["estimate"]) for e in entries if "partial" in e and not e["failed"]]
+    if stopped:
+        ax.plot(*zip(*stopped), "x", color="gray", alpha=0.4, ms=3, label="stopped early (paired estimate)")
     ax.plot(best, "-", label="best so far")
     ax.axhline(r[0], color="gray", ls="--", lw=1, label="baseline (all ones)")
     ax.set_xlabel("evaluation")
@@ -77,6 +81,18 @@ def _set_terms(cfg: SearchConfig, p: dict) -> str:
             f"held-out, the chosen masks: {held}")
 
 
+def _racing(cfg: SearchConfig, entries: Sequence[dict]) -> str:
+    """The line on racing: how many candidates stopped early and the images they left unscored."""
+    if not cfg.race:
+        return ""
+    n = max(e.get("images", 0) for e in entries)
+    scored = sum(e.get("images", n) for e in entries)
+    stopped = sum("partial" in e for e in entries)
+    return (f"\n- racing (looks {','.join(f'{x:g}' for x in cfg.race_looks)}, alpha {cfg.race_alpha:g}, margin {cfg.race_margin:g} sd): {stopped} of "
+            f"{len(entries)} candidates stopped early; {scored} images scored of {n * len(entries)} "
+            f"({scored / max(n * len(entries), 1):.2f})")
+
+
 def write_report(
     out: Path,
     cfg: SearchConfig,
@@ -86,6 +102,7 @@ def write_report(
     holdout_prompts: Sequence[str],
     baseline_images: torch.Tensor,
     masked_images: torch.Tensor,
+    notes: Sequence[str] = (),
 ) -> Path:
     plot_progress(entries, out / "progress.png")
     plot_heatmap(masks, out / "values.png")
@@ -119,7 +136,7 @@ def write_report(
 
 - model: `{cfg.model}`, reward: `{p['reward']}`, space: `{cfg.space}`, optimizer: `{p['optimizer']}`{runs} ({cfg.strategy})
 - {len(masks.units)} units x {len(masks.buckets)} buckets, {removed} (bucket, unit) values at 0
-- {len(entries)} evaluations, {sum(e['seconds'] for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls{_set_terms(cfg, p)}
+- {len(entries)} evaluations, {sum(e['seconds'] for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls{_racing(cfg, entries)}{_set_terms(cfg, p)}{"".join(chr(10) + "- " + n for n in notes)}
 - sampler (recorded in masks.json; generate and export default to it): {masks.sampler.describe()}, {cfg.dtype}
 
 ## Reward versus evaluations

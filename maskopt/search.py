@@ -17,9 +17,11 @@ with, so generate and export default to it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,8 +29,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .asktell import AskTell, entry_loss
+from .asktell import AskTell, choosable, entry_loss
 from .buckets import Buckets
+from .cluster import OFF
 from .config import SearchConfig, complete
 from .errors import MaskoptError
 from .evaluate import UNSEEN_SEED0, Evaluation, Evaluator, TrajectoryCache
@@ -36,6 +39,7 @@ from .journal import Journal, read
 from .maskset import MaskSet
 from .objective import Objective
 from .prompts import read_prompts
+from .race import Against, Race, told_loss
 from .sampler import Sampler
 from . import starts
 from .space import check_point, optimizer, space
@@ -65,6 +69,7 @@ class Inputs:
     out: Path
     fresh: bool  # the output folder was missing or empty: a failure before the first evaluation empties it again
     created: Path | None  # the topmost folder this search made, if any
+    cfg: SearchConfig  # the settings, as the journal being resumed ran (racing off for a journal from before it)
 
 
 def prepare(cfg: SearchConfig) -> Inputs:
@@ -87,10 +92,17 @@ def prepare(cfg: SearchConfig) -> Inputs:
     for spec in cfg.init:
         starts.parse(spec)
     check_device(cfg.device)
+    from .cluster import check as check_ray  # Ray itself is imported only with --ray
+
+    check_ray(cfg.ray, cfg.evaluators, cfg.ray_gpus_per_evaluator)
     out = Path(cfg.out)
     fresh = not (out.is_dir() and any(out.iterdir()))
+    header = read(out / "journal.jsonl")[0] if cfg.resume and out.is_dir() else None
+    if header is not None and "race" not in header.get("config", {}) and cfg.race:
+        logger.info("--resume: %s is from before racing and scored every image; it goes on that way", out)
+        cfg = dataclasses.replace(cfg, race=False)
     created = _check_out(out, cfg, {"prompts": prompts, "holdout": holdout})
-    return Inputs(prompts, holdout, out, fresh, created)
+    return Inputs(prompts, holdout, out, fresh, created, cfg)
 
 
 def _check_set_terms(objective: Objective, cfg: SearchConfig, images: int) -> None:
@@ -158,7 +170,9 @@ def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> P
         if header is None:
             raise MaskoptError(f"--resume: {out} holds no search journal ({journal.name} missing or empty)")
         # journals of older versions left defaults unfilled: completed, they compare as they were meant
-        before = {**complete(SearchConfig.from_dict(header["config"])).identity(), **{k: header.get(k) for k in prompts}}
+        # (a journal from before racing scored every image)
+        settings = {"race": False, **header["config"]}
+        before = {**complete(SearchConfig.from_dict(settings)).identity(), **{k: header.get(k) for k in prompts}}
         now = {**cfg.identity(), **prompts}
         keys = [*prompts, *sorted((set(before) | set(now)) - set(prompts))]  # the prompts named first
         diff = [k for k in keys if before.get(k) != now.get(k)]
@@ -218,9 +232,8 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     from .rewards import load_reward
 
     # 1. Check inputs (cheap) before loading anything heavy.
-    cfg = complete(cfg)
-    inputs = prepare(cfg)
-    out = inputs.out
+    inputs = prepare(complete(cfg))
+    cfg, out = inputs.cfg, inputs.out
     try:
         # 2. Model, units, buckets, reward.
         pipe, template = load_model(cfg)
@@ -239,9 +252,21 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
             _clean_fresh(inputs)
         raise
 
-    evaluator = Evaluator(pipe, reward, template, inputs.prompts, range(cfg.seeds), cfg.steps, cfg.guidance,
-                          cfg.size, TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size,
-                          measure_for(len(inputs.prompts)))
+    if cfg.ray == OFF:
+        evaluator = search_evaluator(cfg, inputs.prompts, pipe, template, reward, measure_for)
+    else:  # actors that load their own pipeline, reward and cache (cluster.py); the driver keeps the rest
+        from .cluster import RayEvaluators
+
+        try:
+            evaluator = RayEvaluators(cfg.ray, cfg.to_dict(), inputs.prompts, cfg.device, cfg.evaluators,
+                                      cfg.ray_gpus_per_evaluator)
+        except BaseException:
+            if inputs.fresh:
+                _clean_fresh(inputs)
+            raise
+        if cfg.workers < evaluator.alive:
+            logger.warning("--workers %d asks fewer candidates at once than the %d evaluators: %d of them wait; "
+                           "pass --workers %d", cfg.workers, evaluator.alive, evaluator.alive - cfg.workers, evaluator.alive)
 
     # 3. The ask/tell loop, journaled.
     header = {"config": cfg.settings(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
@@ -254,27 +279,51 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     # A change in bucket k re-runs the steps of k and of the buckets visited after it (lower timesteps).
     recompute = [sum(counts[: k + 1]) / sum(counts) for k in range(len(buckets))]
 
-    def record(values: np.ndarray, ev: Evaluation) -> dict:
-        reward_part = ev.reward + cfg.sparsity * float((values == 0).sum()) / len(buckets)
+    n_images = len(inputs.prompts) * cfg.seeds
+    plan = Race(tuple(cfg.race_looks)).plan(n_images, cfg.seed) if cfg.race else None  # one image order for all
+    sparsity = lambda values: cfg.sparsity * float((values == 0).sum()) / len(buckets)
+    scored = {"images": sum(e.get("images", n_images) for e in entries)}  # images scored so far, for the bar
+
+    def record(values: np.ndarray, ev: Evaluation, incumbent: dict | None) -> dict:
+        reward_part = ev.reward + sparsity(values)
+        partial = ev.stopped is not None
         entry = {"i": len(entries), "values": values.tolist(), "reward": ev.reward, "objective": reward_part,
-                 "failed": ev.failed, "rewards": ev.per_prompt(len(inputs.prompts)) if not ev.failed else ev.rewards,
-                 "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits, "unet_calls": ev.unet_calls}
-        if objective.measures:  # set-level terms, each relative to the baseline's (the first entry)
+                 "failed": ev.failed, "rewards": ev.rewards if ev.failed else _per_prompt(ev.rewards, len(inputs.prompts))
+                 if partial else ev.per_prompt(len(inputs.prompts)), "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits,
+                 "unet_calls": ev.unet_calls, "images": ev.images_scored}
+        if plan is not None:  # per image: the incumbent's are what later candidates are paired with
+            entry["image_rewards"] = ev.rewards
+        if partial:  # stopped by the race: told its paired estimate, never better than the incumbent (race.py)
+            base = np.asarray(incumbent["image_rewards"])
+            mask = np.asarray(ev.scored)
+            estimate = incumbent["reward"] + float(np.mean(np.asarray(ev.rewards)[mask] - base[mask])) + sparsity(values)
+            told = -told_loss(-estimate, entry_loss(incumbent)) if not ev.failed else reward_part
+            entry.update(objective=told, partial={"images": ev.images_scored, "of": n_images, "estimate": estimate,
+                                                  "incumbent": incumbent["i"], "reason": ev.stopped})
+        elif objective.measures:  # set-level terms, each relative to the baseline's (the first entry)
             score = objective.score(reward_part, ev.measures, entries[0]["measures"] if entries else ev.measures)
             entry.update(objective=score.objective, measures=ev.measures, ratios=score.ratios,
                          feasible=score.feasible, violation=score.violation)
         journal.append(entry)  # flushed before the next evaluation starts
         entries.append(entry)
+        scored["images"] += ev.images_scored
         if progress:
-            progress(entry)
+            progress({**entry, "images_done": scored["images"], "images_naive": cfg.budget * n_images,
+                      **({"evaluators": evaluator.alive} if cfg.ray != OFF else {})})
         return entry
 
     def evaluate(group: list[np.ndarray]) -> list[float]:
-        results = evaluator.many(group)
+        incumbent = min(filter(choosable, entries), key=entry_loss, default=None)
+        against = None
+        if plan is not None and incumbent is not None:  # against the best candidate scored in full, same images
+            margin = cfg.race_margin * float(np.std(entries[0]["image_rewards"], ddof=1))
+            against = Against(Race(tuple(cfg.race_looks), cfg.race_alpha, margin), tuple(incumbent["image_rewards"]),
+                              tuple(sparsity(v) - (incumbent["objective"] - incumbent["reward"]) for v in group))
+        results = evaluator.score(group, plan, against)
         if not entries and results[0].failed:
             raise MaskoptError(f"the reward {cfg.reward} returned NaN or inf for the unmasked baseline; "
                                "every image needs a finite score to compare candidates against")
-        return [entry_loss(record(v, ev)) for v, ev in zip(group, results)]
+        return [entry_loss(record(v, ev, incumbent)) for v, ev in zip(group, results)]
 
     driver = None
     try:
@@ -290,7 +339,9 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
             # +0.057; with 4 workers it picks MetaModel, which gained +0.008 in the same budget
             logger.warning("--workers %d: NGOpt cannot run COBYLA in parallel and picks %s, which found far smaller "
                            "gains on the embedded default than --workers 1; pass --optimizer to choose", cfg.workers, chosen)
+        started = time.perf_counter()
         driver.run(evaluate, journaled)
+        minutes = (time.perf_counter() - started) / 60
     except MaskoptError as e:
         if entries:  # what was evaluated stays, for --resume once the cause is fixed
             raise MaskoptError(f"{e}; {len(entries)} evaluations kept in {journal.path} (--resume continues)") from None
@@ -299,12 +350,14 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         journal.close()
         if driver is not None:
             driver.close()
+        if cfg.ray != OFF:
+            evaluator.close()
         if not entries and inputs.fresh:
             _clean_fresh(inputs)
 
     # 4. Best candidate vs baseline on held-out prompts and unseen seeds.
     baseline = entries[0]
-    best = min((e for e in entries if not e["failed"] and e.get("feasible", True)), key=entry_loss, default=baseline)
+    best = min(filter(choosable, entries), key=entry_loss, default=baseline)
     holdout_eval = Evaluator(pipe, reward, template, inputs.holdout,
                              range(UNSEEN_SEED0, UNSEEN_SEED0 + cfg.holdout_seeds), cfg.steps, cfg.guidance,
                              cfg.size, None, cfg.batch_size, measure_for(len(inputs.holdout)))
@@ -333,8 +386,34 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     masks_path = masks.save(out / "masks.json")
     from .report import write_report
 
-    write_report(out, cfg, masks, entries, holdout, inputs.holdout, base_ev.images, best_ev.images)
+    ran = len(entries) - len(journaled)
+    notes = [f"{ran} evaluations this run in {minutes:.1f} min ({ran / max(minutes, 1e-9):.1f} per minute)"
+             + (f", on {evaluator.alive} Ray evaluators ({evaluator.stats.started} started, "
+                f"{evaluator.stats.deaths} died, {evaluator.stats.requeued} candidates scored again)" if cfg.ray != OFF else "")]
+    write_report(out, cfg, masks, entries, holdout, inputs.holdout, base_ev.images, best_ev.images, notes)
     return SearchResult(out, masks_path, best, baseline, holdout, len(entries))
+
+
+def search_evaluator(cfg: SearchConfig, prompts: list[str], pipe: Any = None, template: MaskSet | None = None,
+                     reward: Any = None, measure_for: Callable[[int], Any] | None = None) -> Evaluator:
+    """The Evaluator of a search's own images (its prompts x seeds, its cache); loads what is not given.
+    A Ray actor (cluster.py) calls it with nothing loaded."""
+    from .rewards import load_reward
+
+    objective = Objective.parse(cfg.reward, cfg.requires)
+    if pipe is None or template is None:
+        pipe, template = load_model(cfg)
+    reward = reward if reward is not None else load_reward(objective.reward, cfg.device)
+    measure_for = measure_for or set_measure(objective, cfg, cfg.size)
+    return Evaluator(pipe, reward, template, prompts, range(cfg.seeds), cfg.steps, cfg.guidance, cfg.size,
+                     TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size, measure_for(len(prompts)))
+
+
+def _per_prompt(rewards: Sequence[float], n_prompts: int) -> list[float | None]:
+    """Per prompt, the mean reward over its seeds scored (a raced candidate stopped early scored some)."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, n_prompts)
+    seen = np.isfinite(r).sum(0)
+    return [float(np.nansum(r[:, j]) / seen[j]) if seen[j] else None for j in range(n_prompts)]
 
 
 def make_optimizer(cfg: SearchConfig, shape: tuple[int, int], recompute: list[float], backbone: Sequence[int] = (),

@@ -61,3 +61,23 @@ def dies(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 def redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """The red channel's mean: a second judge for the eval tests."""
     return images[:, 0].mean(dim=(1, 2))
+
+
+_die_once = {"n": 0}
+
+
+def dies_once(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Brightness; on its MASKOPT_TEST_DIE_AT-th call in a process other than MASKOPT_TEST_DRIVER_PID, the first
+    process to get there SIGKILLs itself (a marker file, MASKOPT_TEST_DIE_MARKER, makes it once): a Ray evaluator
+    killed mid-evaluation, the driver spared."""
+    _die_once["n"] += 1
+    marker = os.environ.get("MASKOPT_TEST_DIE_MARKER")
+    if marker and os.getpid() != int(os.environ.get("MASKOPT_TEST_DRIVER_PID", "0")) \
+            and _die_once["n"] == int(os.environ.get("MASKOPT_TEST_DIE_AT", "3")):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return images.mean(dim=(1, 2, 3))

@@ -146,7 +146,9 @@ def test_short_search_on_the_default_records_what_it_found(readme_run, pipe):
         again = Evaluator(pipe, DigitReward(), masks, read_prompts(PROMPTS_PATH), range(2), 15, 1.0)(masks.values)
     finally:
         torch.set_num_threads(threads)
-    assert again.reward == masks.provenance["search_reward"] == best["reward"]
+    # the search scored it in a raced group of 4 (chunks, one batch under per_sample): equal to float rounding
+    assert masks.provenance["search_reward"] == best["reward"] and "partial" not in best
+    assert again.reward == pytest.approx(best["reward"], abs=1e-6) and again.reward != 0.0
     assert masks.sampler.describe() == "ddim, 15 steps, guidance 1, 32x32"
 
 

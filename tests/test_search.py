@@ -168,8 +168,8 @@ def test_resume_after_sigkill(pipe_dir, prompts, tmp_path):
     """Killed with SIGKILL while scoring its 4th evaluation (the reward kills its own process), the search resumes
     as the uninterrupted one: the 3 journaled evaluations stay as they were, a torn line is dropped."""
     out, whole = tmp_path / "run", tmp_path / "whole"
-    flags = lambda folder: args(pipe_dir, prompts, folder, "--budget", "12", "--space", "gates",
-                                "--reward", "python:reward_fns:dies")
+    flags = lambda folder: args(pipe_dir, prompts, folder, "--budget", "12", "--space", "gates", "--no-race",
+                                "--reward", "python:reward_fns:dies")  # one reward call per evaluation (test_race.py races)
     # one thread, as this test process runs (conftest): the same sums in the same order, so the same rewards
     env = {**os.environ, "PYTHONPATH": str(TESTS), "MASKOPT_TEST_DIE_AT": "4", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "maskopt.cli", *flags(out)], env=env, capture_output=True, timeout=300)
@@ -244,7 +244,7 @@ def test_shipped_recipes_parse(prompts):
 
 def test_nan_rewards_are_failed_candidates(pipe_dir, prompts, tmp_path):
     out = tmp_path / "run"
-    a = args(pipe_dir, prompts, out, "--budget", "5")
+    a = args(pipe_dir, prompts, out, "--budget", "5", "--no-race")  # one reward call per evaluation
     a[a.index("python:reward_fns:brightness")] = "python:reward_fns:flaky"
     import reward_fns
 
@@ -349,7 +349,7 @@ def test_reward_failing_mid_search_keeps_the_journal(tmp_path, pipe_dir, prompts
 
     out = tmp_path / "run"
     reward_fns._raise_after.update(n=0, at=4)  # calls 1-3 (the baseline and two candidates) score, call 4 raises
-    a = args(pipe_dir, prompts, out, "--budget", "5")
+    a = args(pipe_dir, prompts, out, "--budget", "5", "--no-race")  # one reward call per evaluation
     a[a.index("python:reward_fns:brightness")] = "python:reward_fns:raises_later"
     r = CliRunner().invoke(main, a)
     last = r.output.strip().splitlines()[-1]  # after the progress bar: the error, one line
@@ -468,7 +468,8 @@ def test_resume_goes_on_as_if_never_stopped(pipe_dir, prompts, tmp_path, strateg
 def test_sweep_replays_the_buckets_before_its_stage(pipe_dir, prompts, tmp_path):
     """--strategy sweep: one bucket per stage, first-visited first; a stage re-runs only its bucket's steps and later ones."""
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "9", "--strategy", "sweep"))
+    # --no-race: one pipeline call per evaluation, so the counts below are per step (test_race.py races)
+    r = CliRunner().invoke(main, args(pipe_dir, prompts, out, "--budget", "9", "--strategy", "sweep", "--no-race"))
     assert r.exit_code == 0, r.output
     header, entries = journal_of(out)
     assert header["strategy"] == "sweep"
