@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maskopt.asktell import choosable
 from maskopt.journal import read
 
 
@@ -36,7 +37,7 @@ def groups(entries: list[dict]) -> dict[str, dict]:
         g = out.setdefault(name, {"evaluations": 0, "unet_calls": 0, "gain": 0.0, "steps": []})
         g["evaluations"] += 1
         g["unet_calls"] += e.get("unet_calls", 0)
-        if not e["failed"] and e["reward"] > best_reward:
+        if choosable(e) and e["reward"] > best_reward:  # a raced candidate stopped early has a partial mean
             g["gain"] += e["reward"] - best_reward
             g["steps"].append((g["evaluations"], g["gain"]))
             best, best_reward = values, e["reward"]
@@ -55,7 +56,7 @@ def main() -> None:
             raise SystemExit(f"{path}: not a search journal with evaluations")
         calls = sum(e.get("unet_calls", 0) for e in entries[1:])
         hits = sum(e.get("cache_hits", 0) for e in entries[1:])
-        total_gain = max(e["reward"] for e in entries if not e["failed"]) - entries[0]["reward"]
+        total_gain = max(e["reward"] for e in entries if choosable(e)) - entries[0]["reward"]
         print(f"{path}: {header.get('strategy', 'joint')}, {len(entries)} evaluations, U-Net calls replayed "
               f"{hits}/{hits + calls}, search reward {entries[0]['reward']:.4f} -> +{total_gain:.4f}")
         print(f"  {'first changed bucket':24} {'evaluations':>11} {'U-Net calls run':>16} {'share':>6} {'reward gain':>12} {'90% of it by':>13}")

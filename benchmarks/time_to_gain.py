@@ -63,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=None)
     ap.add_argument("--budget", type=int, default=400)
-    ap.add_argument("--race-budget", type=int, default=None, help="default: twice --budget")
+    ap.add_argument("--race-budget", type=int, default=None, help="default: 1.5x --budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--margin", type=float, default=None, help="--race-margin (default: the search's)")
     ap.add_argument("--alpha", type=float, default=None)

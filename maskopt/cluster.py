@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 LOCAL = "local"  # --ray with no address: a Ray instance of this machine, started and stopped by the search
 OFF = "off"  # no --ray: the search evaluates in its own process
 HISTORY = 64  # candidates remembered per actor for routing (its cache holds about as many)
-START_TIMEOUT = 600  # seconds an actor may take to load its pipeline before the search gives up on it
+START_TIMEOUT = 600  # seconds the actors may take to load their pipelines before the search gives up on them
+MAX_ROUNDS = 4  # a group whose evaluators die this many times in a row ends the search
 
 
 def import_ray() -> Any:
@@ -114,7 +115,7 @@ class _Actor:
 
 @dataclass
 class Stats:
-    started: int = 0  # actors asked for, restarts included
+    started: int = 0  # actors started: asked for, and restarted by Ray after a death
     deaths: int = 0
     requeued: int = 0  # candidates scored again after their actor died
 
@@ -125,31 +126,39 @@ class RayEvaluators:
     def __init__(self, address: str, settings: dict, prompts: list[str], device: str, evaluators: int = 0,
                  gpus: float = 1.0) -> None:
         ray = self.ray = import_ray()
-        # Loopback only on one machine: otherwise Ray picks a non-loopback address and a local cluster's driver
-        # can hang connecting to it (measured here, ../shared/FINDINGS.md)
+        # Measured on Linux here (../shared/FINDINGS.md): without it Ray picks a non-loopback address even when
+        # told 127.0.0.1, and a local cluster's driver can hang connecting to it
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self.owns = address == LOCAL and not ray.is_initialized()
+        self.actors: list[Any] = []
         if not ray.is_initialized():
             # a local instance's workers see this process's PYTHONPATH (python:module:function rewards); a
             # cluster's nodes have their own environment (README, "Scaling")
             local_path = address == LOCAL and os.environ.get("PYTHONPATH")
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                      runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if local_path else None)
-        resources = ray.cluster_resources()
-        on_gpu = device.startswith("cuda")
-        if on_gpu:
-            n = evaluators or max(1, int(resources.get("GPU", 0) // gpus))
-            options = {"num_gpus": gpus, "num_cpus": 1}
-        else:
-            n = evaluators or max(1, int(resources.get("CPU", 1)))
-            options = {"num_cpus": max(1, int(resources.get("CPU", 1)) // n)}
-        self.remote = ray.remote(max_restarts=-1, max_task_retries=0, **options)(_Actor)
-        self.settings, self.prompts = settings, prompts
-        self.stats = Stats()
-        self.actors = [self._start() for _ in range(n)]
-        self.history: list[list[np.ndarray]] = [[] for _ in range(n)]
-        self.pids = self._wait_ready(range(n))
+        try:
+            resources = ray.cluster_resources()
+            if device.startswith("cuda"):
+                if resources.get("GPU", 0) < gpus:
+                    raise MaskoptError(f"--device {device} --ray: the Ray cluster has {resources.get('GPU', 0):g} GPU(s), "
+                                       f"an evaluator needs {gpus:g}")
+                n = evaluators or max(1, int(resources["GPU"] // gpus))
+                options = {"num_gpus": gpus, "num_cpus": 1}
+            else:
+                n = evaluators or max(1, int(resources.get("CPU", 1)))
+                options = {"num_cpus": max(1, int(resources.get("CPU", 1)) // n)}
+            self.remote = ray.remote(max_restarts=-1, max_task_retries=0, **options)(_Actor)
+            self.settings, self.prompts = settings, prompts
+            self.stats = Stats()
+            self.actors = [self._start() for _ in range(n)]
+            self.history: list[list[np.ndarray]] = [[] for _ in range(n)]
+            self._pings: dict[int, Any] = {}  # a down actor's pending pid() call: it answers once Ray restarted it
+            self.pids = self._wait_ready(range(n))
+        except BaseException:
+            self.close()
+            raise
         logger.info("%d evaluators on Ray (%s): %s", n, address, options)
 
     @property
@@ -161,26 +170,37 @@ class RayEvaluators:
         return self.remote.remote(self.settings, self.prompts)
 
     def _wait_ready(self, which: Sequence[int], timeout: float = START_TIMEOUT) -> dict[int, int]:
-        """{actor: pid} of the actors in `which` that answer; an error while loading is the search's error."""
+        """{actor: pid} of the actors in `which` that answer within one shared `timeout`; an error while an
+        actor loads (the model missing on its node, a reward it cannot import) is the search's error."""
         ray = self.ray
-        refs = {a: self.actors[a].pid.remote() for a in which}
+        refs = {self.actors[a].pid.remote(): a for a in which}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         out = {}
-        for a, ref in refs.items():
+        for ref in ready:
+            a = refs[ref]
             try:
-                out[a] = ray.get(ref, timeout=timeout)
-            except ray.exceptions.RayTaskError as e:  # the pipeline or reward failed to load: as locally
+                out[a] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if getattr(e, "actor_init_failed", False):
+                    raise _cause(e) from None
+                logger.warning("evaluator %d did not start: %s", a, _first_line(e))
+            except ray.exceptions.RayError as e:
                 raise _cause(e) from None
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                logger.warning("evaluator %d did not start", a)
         if not out:
-            raise MaskoptError("no Ray evaluator started (see the Ray logs: ray status, /tmp/ray/session_latest/logs)")
+            raise MaskoptError(f"no Ray evaluator started within {timeout:.0f} s (ray status shows what the cluster "
+                               "has; the logs are in /tmp/ray/session_latest/logs)")
         return out
 
     def score(self, group: list[np.ndarray], plan: Any = None, against: Any = None) -> list[Any]:
         ray = self.ray
         results: list[Any] = [None] * len(group)
         todo = list(range(len(group)))
+        rounds = 0
         while todo:
+            rounds += 1
+            if rounds > MAX_ROUNDS:  # evaluators die on these candidates every time: not a passing fault
+                raise MaskoptError(f"Ray evaluators died {MAX_ROUNDS} times while scoring one group of candidates "
+                                   "(out of memory? see ray status and /tmp/ray/session_latest/logs)")
             live = sorted(self.pids)
             owners = route([group[i] for i in todo], [self.history[a] for a in live])
             jobs = {}
@@ -195,14 +215,17 @@ class RayEvaluators:
                     evs = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # raised inside the actor: the reward, the pipeline
                     raise _cause(e) from None
-                except ray.exceptions.RayActorError:
+                except ray.exceptions.RayActorError as e:
                     self.stats.deaths += 1
                     self.stats.requeued += len(members)
-                    logger.warning("evaluator %d died: its %d candidate(s) go to another", a, len(members))
+                    logger.warning("evaluator %d died (%s): its %d candidate(s) go to another", a, _first_line(e),
+                                   len(members))
                     self.pids.pop(a, None)
                     self.history[a] = []
                     todo.extend(members)
                     continue
+                except ray.exceptions.RayError as e:  # lost objects, the memory monitor, ...: one line
+                    raise _cause(e) from None
                 for i, ev in zip(members, evs):
                     results[i] = ev
                 self.history[a] = (self.history[a] + [group[i] for i in members])[-HISTORY:]
@@ -212,37 +235,52 @@ class RayEvaluators:
         return results
 
     def _revive(self) -> None:
-        """Every actor is down: wait for Ray to restart them (max_restarts), or start new ones."""
+        """Every actor is down: wait for Ray to restart them (max_restarts), or start new ones in their place."""
         logger.warning("every evaluator is down: waiting for Ray to restart them")
+        self._pings = {}
         try:
             self.pids = self._wait_ready(range(len(self.actors)))
         except MaskoptError:
+            for actor in self.actors:
+                self._kill(actor)
             self.actors = [self._start() for _ in self.actors]
             self.pids = self._wait_ready(range(len(self.actors)))
 
     def _rejoin(self) -> None:
-        """Actors Ray has restarted since they died answer again: they take their share from the next group."""
-        down = [a for a in range(len(self.actors)) if a not in self.pids]
-        if not down:
+        """Actors Ray has restarted since they died answer again: they take their share from the next group.
+        One pid() call waits per down actor; nothing waits for it."""
+        for a in range(len(self.actors)):
+            if a not in self.pids and a not in self._pings:
+                self._pings[a] = self.actors[a].pid.remote()
+        if not self._pings:
             return
-        refs = {a: self.actors[a].pid.remote() for a in down}
-        ready, _ = self.ray.wait(list(refs.values()), num_returns=len(refs), timeout=0.05)
-        for a, ref in refs.items():
+        ready, _ = self.ray.wait(list(self._pings.values()), num_returns=len(self._pings), timeout=0)
+        for a, ref in list(self._pings.items()):
             if ref in ready:
+                del self._pings[a]
                 try:
                     self.pids[a] = self.ray.get(ref)
+                    self.stats.started += 1  # Ray restarted it
                     logger.info("evaluator %d is back", a)
                 except Exception:  # noqa: BLE001 - still down: asked again after the next group
                     pass
 
+    def _kill(self, actor: Any) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
     def close(self) -> None:
         for actor in self.actors:
-            try:
-                self.ray.kill(actor)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            self._kill(actor)
         if self.owns:
             self.ray.shutdown()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _cause(e: Exception) -> Exception:
@@ -250,7 +288,10 @@ def _cause(e: Exception) -> Exception:
     cause = getattr(e, "cause", None)
     if isinstance(cause, MaskoptError):
         return MaskoptError(str(cause))
-    if cause is not None:
-        return MaskoptError(f"an evaluator raised {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}")
-    return MaskoptError(f"an evaluator failed: {str(e).strip().splitlines()[-1]}")
-
+    if isinstance(cause, BaseException):
+        return MaskoptError(f"a Ray evaluator raised {type(cause).__name__}: {_first_line(cause)}")
+    # an actor whose __init__ raised (ActorDiedError): the traceback is in the message, its error last
+    said = [line.split("MaskoptError: ", 1)[1] for line in str(e).splitlines() if "MaskoptError: " in line]
+    if said:
+        return MaskoptError(said[-1].strip())
+    return MaskoptError(f"a Ray evaluator failed: {type(e).__name__}: {_first_line(e)}")

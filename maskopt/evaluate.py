@@ -68,9 +68,9 @@ class Evaluation:
 class TrajectoryCache:
     """U-Net outputs keyed by (step, visited buckets' values); least recently used entries go first.
 
-    Capacity is counted in U-Net outputs of a whole evaluation's images: the output of a chunk of a raced
-    evaluation, or of one `--batch-size` call, weighs its share of the images, so a raced search keeps as
-    many candidates' trajectories as a plain one in the same memory."""
+    Capacity is counted in U-Net outputs (of one pipeline call); the output of a chunk of a raced evaluation
+    weighs its share of the images, so a raced search keeps as many candidates' trajectories as a plain one
+    in the same memory."""
 
     def __init__(self, max_entries: int = 512) -> None:
         self.max_entries = max_entries
@@ -282,7 +282,7 @@ class Evaluator:
         step = self.batch_size or n
         parts = [np.arange(start, min(start + step, n)) for start in range(0, n, step)]
         with full_fp32(self.pipe.unet.device):  # sampling and scoring alike
-            per, hits, calls = self._images(masksets, parts, [int(p[0]) for p in parts])
+            per, hits, calls = self._images(masksets, parts, [int(p[0]) for p in parts], chunked=False)
             scores = self._score(torch.cat(per), self.image_prompts * w)
         seconds = (time.perf_counter() - t0) / w
         results = []
@@ -366,10 +366,12 @@ class Evaluator:
                                       None if done else scored[c].tolist(), stopped[c]))
         return results
 
-    def _images(self, masksets: list[MaskSet], parts: Sequence[np.ndarray], tags: Sequence[Any],
+    def _images(self, masksets: list[MaskSet], parts: Sequence[np.ndarray], tags: Sequence[Any], chunked: bool = True,
                 ) -> tuple[list[torch.Tensor], list[int], list[int]]:
         """Every candidate's images of the image indices in `parts` (one pipeline call each, cache tag
-        `tags[i]`), concatenated per candidate; and per candidate its U-Net calls replayed and run."""
+        `tags[i]`), concatenated per candidate; and per candidate its U-Net calls replayed and run.
+        `chunked`: a raced chunk's cache entries weigh their share of the images (a `--batch-size` call's
+        weigh 1, as they always did: --cache counts them)."""
         w = len(masksets)
         unet = self.pipe.unet
         masking = apply(unet, masksets[0], check=False) if w == 1 else per_sample(unet, masksets)
@@ -379,7 +381,7 @@ class Evaluator:
             for idx, tag in zip(parts, tags):
                 m = len(idx)
                 with stepping(unet, masksets, m, self.cache, tag, masking if w > 1 else None,
-                              m / len(self.image_prompts)) as run:
+                              m / len(self.image_prompts) if chunked else 1.0) as run:
                     out = self._sample(idx, w)
                 for c in range(w):
                     images[c].append(out[c * m:(c + 1) * m])

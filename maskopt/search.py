@@ -284,7 +284,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
     sparsity = lambda values: cfg.sparsity * float((values == 0).sum()) / len(buckets)
     scored = {"images": sum(e.get("images", n_images) for e in entries)}  # images scored so far, for the bar
 
-    def record(values: np.ndarray, ev: Evaluation, incumbent: dict | None) -> dict:
+    def record(values: np.ndarray, ev: Evaluation, incumbent: dict | None, group: list[int]) -> dict:
         reward_part = ev.reward + sparsity(values)
         partial = ev.stopped is not None
         entry = {"i": len(entries), "values": values.tolist(), "reward": ev.reward, "objective": reward_part,
@@ -292,7 +292,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
                  if partial else ev.per_prompt(len(inputs.prompts)), "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits,
                  "unet_calls": ev.unet_calls, "images": ev.images_scored}
         if plan is not None:  # per image: the incumbent's are what later candidates are paired with
-            entry["image_rewards"] = ev.rewards
+            entry.update(image_rewards=ev.rewards, group=group)  # group: [first entry, size] of the group it raced in
         if partial:  # stopped by the race: told its paired estimate, never better than the incumbent (race.py)
             base = np.asarray(incumbent["image_rewards"])
             mask = np.asarray(ev.scored)
@@ -313,7 +313,11 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         return entry
 
     def evaluate(group: list[np.ndarray]) -> list[float]:
-        incumbent = min(filter(choosable, entries), key=entry_loss, default=None)
+        start, size = len(entries), len(group)
+        last = entries[-1] if entries else {}
+        if "group" in last and sum(last["group"]) > len(entries):  # the rest of a group a kill cut: as it began
+            start, size = last["group"]
+        incumbent = min(filter(choosable, entries[:start]), key=entry_loss, default=None)
         against = None
         if plan is not None and incumbent is not None:  # against the best candidate scored in full, same images
             margin = cfg.race_margin * float(np.std(entries[0]["image_rewards"], ddof=1))
@@ -323,7 +327,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         if not entries and results[0].failed:
             raise MaskoptError(f"the reward {cfg.reward} returned NaN or inf for the unmasked baseline; "
                                "every image needs a finite score to compare candidates against")
-        return [entry_loss(record(v, ev, incumbent)) for v, ev in zip(group, results)]
+        return [entry_loss(record(v, ev, incumbent, [start, size])) for v, ev in zip(group, results)]
 
     driver = None
     try:

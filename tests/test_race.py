@@ -189,3 +189,16 @@ def test_a_journal_from_before_racing_resumes_without_it(pipe_dir, prompts, tmp_
     assert CliRunner().invoke(main, _args(pipe_dir, prompts, raced, "--budget", "4")).exit_code == 0
     r = CliRunner().invoke(main, _args(pipe_dir, prompts, raced, "--budget", "6", "--no-race", "--resume"))
     assert r.exit_code != 0 and "race: True there, False now" in r.output
+
+
+def test_the_embedded_default_turns_racing_off_for_weighted_set_terms(tmp_path):
+    """The recipe leaves racing at its default (on), so a weighted set-level term turns it off there too;
+    asking for it explicitly with one is refused."""
+    from maskopt.config import resolve
+    from maskopt.errors import MaskoptError
+
+    assert resolve(out=str(tmp_path / "a")).race is True
+    assert resolve(reward="digits=1,diversity=0.2", out=str(tmp_path / "b")).race is False
+    assert resolve(reward="digits", requires=["frechet<=1"], out=str(tmp_path / "c")).race is True  # bounds race
+    with pytest.raises(MaskoptError, match="--race: the reward weighs set-level terms"):
+        resolve(reward="digits=1,diversity=0.2", race=True, out=str(tmp_path / "d"))
