@@ -20,7 +20,6 @@ The ratio of the raced time to the plain time is printed last.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -38,7 +37,7 @@ from maskopt.stats import paired
 
 
 def search(args: argparse.Namespace, root: Path, race: bool, budget: int, workers: int | None = None,
-           ) -> tuple[list[dict], float, Path]:
+           ) -> tuple[list[dict], float]:
     out = root / (("race" if race else "plain") + (f"-w{workers}" if workers else ""))
     cfg = resolve(args.recipe, budget=budget, out=str(out), race=race, seed=args.seed, holdout_seeds=1,
                   race_margin=args.margin, race_alpha=args.alpha, race_looks=args.looks, workers=workers)
@@ -46,7 +45,7 @@ def search(args: argparse.Namespace, root: Path, race: bool, budget: int, worker
     run_search(cfg)
     wall = time.perf_counter() - t0
     _, entries, _ = read(out / "journal.jsonl")
-    return entries, wall, out
+    return entries, wall
 
 
 def time_to(entries: list[dict], target: float) -> float | None:
@@ -75,16 +74,16 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="maskopt-race-"))
 
-    plain, plain_wall, plain_out = search(args, root, False, args.budget)
+    plain, plain_wall = search(args, root, False, args.budget)
     target = max(e["reward"] for e in plain if choosable(e))
-    raced, race_wall, race_out = search(args, root, True, args.race_budget or args.budget * 3 // 2)
+    raced, race_wall = search(args, root, True, args.race_budget or args.budget * 3 // 2)
     one = search(args, root, False, args.budget, workers=1) if args.previous else None
-    cfg = resolve(args.recipe, out=str(root / "x"), seed=args.seed, race_margin=args.margin,
+    cfg = resolve(args.recipe, out=tempfile.mkdtemp(), seed=args.seed, race_margin=args.margin,
                   race_alpha=args.alpha, race_looks=args.looks)
-    n = len(prepare(cfg).prompts) * cfg.seeds
 
     # Evaluators of the search's images (for rechecks and the per-call time) and of held-out images
-    inputs = prepare(dataclasses.replace(cfg, out=tempfile.mkdtemp()))
+    inputs = prepare(cfg)
+    n = len(inputs.prompts) * cfg.seeds
     pipe, template = load_model(cfg)
     reward = load_reward(cfg.reward, cfg.device)
     make = lambda prompts, seeds: Evaluator(pipe, reward, template, prompts, seeds, cfg.steps, cfg.guidance, cfg.size)

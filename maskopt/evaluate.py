@@ -61,8 +61,14 @@ class Evaluation:
     def images_scored(self) -> int:
         return len(self.rewards) if self.scored is None else int(sum(self.scored))
 
-    def per_prompt(self, n_prompts: int) -> list[float]:
-        return np.asarray(self.rewards).reshape(-1, n_prompts).mean(0).tolist()
+    def per_prompt(self, n_prompts: int) -> list[float | None]:
+        """Per prompt, the mean reward over its seeds; of a raced candidate stopped early, over the seeds it
+        scored (None for a prompt with none)."""
+        r = np.asarray(self.rewards, dtype=np.float64).reshape(-1, n_prompts)
+        if self.scored is None:
+            return r.mean(0).tolist()
+        seen = np.asarray(self.scored).reshape(r.shape).sum(0)
+        return [float(np.nansum(r[:, j]) / seen[j]) if seen[j] else None for j in range(n_prompts)]
 
 
 class TrajectoryCache:

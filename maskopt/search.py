@@ -288,8 +288,7 @@ def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None
         reward_part = ev.reward + sparsity(values)
         partial = ev.stopped is not None
         entry = {"i": len(entries), "values": values.tolist(), "reward": ev.reward, "objective": reward_part,
-                 "failed": ev.failed, "rewards": ev.rewards if ev.failed else _per_prompt(ev.rewards, len(inputs.prompts))
-                 if partial else ev.per_prompt(len(inputs.prompts)), "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits,
+                 "failed": ev.failed, "rewards": ev.rewards if ev.failed else ev.per_prompt(len(inputs.prompts)), "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits,
                  "unet_calls": ev.unet_calls, "images": ev.images_scored}
         if plan is not None:  # per image: the incumbent's are what later candidates are paired with
             entry.update(image_rewards=ev.rewards, group=group)  # group: [first entry, size] of the group it raced in
@@ -411,13 +410,6 @@ def search_evaluator(cfg: SearchConfig, prompts: list[str], pipe: Any = None, te
     measure_for = measure_for or set_measure(objective, cfg, cfg.size)
     return Evaluator(pipe, reward, template, prompts, range(cfg.seeds), cfg.steps, cfg.guidance, cfg.size,
                      TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size, measure_for(len(prompts)))
-
-
-def _per_prompt(rewards: Sequence[float], n_prompts: int) -> list[float | None]:
-    """Per prompt, the mean reward over its seeds scored (a raced candidate stopped early scored some)."""
-    r = np.asarray(rewards, dtype=np.float64).reshape(-1, n_prompts)
-    seen = np.isfinite(r).sum(0)
-    return [float(np.nansum(r[:, j]) / seen[j]) if seen[j] else None for j in range(n_prompts)]
 
 
 def make_optimizer(cfg: SearchConfig, shape: tuple[int, int], recompute: list[float], backbone: Sequence[int] = (),

@@ -16,6 +16,14 @@ def unet():
 
 
 @pytest.fixture(scope="session")
+def pipe_dir():
+    """The tiny SD pipeline saved once per run (export_helpers.pipeline), for the tests that only read it."""
+    from export_helpers import pipeline
+
+    return pipeline()
+
+
+@pytest.fixture(scope="session")
 def readme_run(tmp_path_factory):
     """The README's first steps on the embedded default (search, generate, export, generate), run once: the folder
     they ran in and the last line each command printed. test_docs and test_default read what they wrote."""

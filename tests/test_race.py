@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from maskopt.cli import main
 from maskopt.race import Race, told_loss
-from tiny import tiny_pipeline
 
 TESTS = Path(__file__).parent
 
@@ -65,11 +64,6 @@ def test_verdict_and_told_loss():
     assert "below the margin" in Race(looks=(0.2,), margin=0.5).verdict(np.zeros(6), 30)
     assert told_loss(-0.5, -0.9) == -0.5  # the estimate, when it is worse than the incumbent
     assert -0.9 < told_loss(-0.95, -0.9) < -0.9 + 1e-6  # never better than the incumbent: strictly worse
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from maskopt.cli import main
-from tiny import tiny_pipeline
 
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd")
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,6 @@ from tiny import tiny_pipeline
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd")
-
-
 @pytest.fixture
 def prompts(tmp_path):
     p = tmp_path / "prompts.txt"

@@ -11,14 +11,8 @@ from maskopt.cli import main
 from maskopt.errors import MaskoptError
 from maskopt.freeu import GRID
 from maskopt.space import BACKBONE_GRID, BACKBONE_RANGE, check_point, decode, encode, space
-from tiny import tiny_pipeline
 
 BACKBONE_ONLY = [[g.b1, g.b2] for g in GRID if (g.s1, g.s2) == (1, 1)]
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd")
 
 
 @pytest.fixture(scope="module")
