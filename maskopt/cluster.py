@@ -45,11 +45,9 @@ MAX_ROUNDS = 4  # a group whose evaluators die this many times in a row ends the
 
 def import_ray() -> Any:
     """Ray, or the one-line error that says how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise MaskoptError('--ray needs Ray: pip install -e ".[ray]" (or pip install "ray[default]")') from None
-    return ray
+    from .lazy import require
+
+    return require("ray", 'pip install -e ".[ray]" (or pip install "ray[default]")', reason="--ray needs Ray")
 
 
 def check(address: str, evaluators: int, gpus: float) -> None:

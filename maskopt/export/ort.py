@@ -5,17 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import MaskoptError
+from ..lazy import require
 
 INSTALL = "pip install onnxruntime (or onnxruntime-gpu for the CUDA provider)"
 
 
 def require_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MaskoptError(f"the onnxruntime backend needs ONNX Runtime, which is not installed: {INSTALL}") from None
-    return onnxruntime
+    """The onnxruntime module, or a one-line MaskoptError saying how to install it."""
+    return require("onnxruntime", INSTALL, reason="the onnxruntime backend needs ONNX Runtime, which is not installed")
 
 
 def providers() -> list[str]:

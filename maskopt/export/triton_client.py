@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import MaskoptError
+from ..lazy import require
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +24,9 @@ ROUTER = "unet"
 
 
 def _client_module(protocol: str) -> Any:
-    try:
-        if protocol == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-    except ImportError:
-        raise MaskoptError(f"the triton backend needs tritonclient, which is not installed: {INSTALL}") from None
-    return module
+    """tritonclient.grpc or tritonclient.http, or a one-line MaskoptError saying how to install it."""
+    return require(f"tritonclient.{'grpc' if protocol == 'grpc' else 'http'}", INSTALL,
+                   reason="the triton backend needs tritonclient, which is not installed")
 
 
 def parse_url(url: str) -> tuple[str, str]:

@@ -26,20 +26,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import MaskoptError
+from ..lazy import lazy_import, require
 from .shapes import OUTPUT, ShapeProfile, Signature
 
 logger = logging.getLogger(__name__)
 
 INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt"
+MISSING = "TensorRT is not installed (it needs an NVIDIA GPU machine)"
+trt = lazy_import("tensorrt", INSTALL, reason=MISSING)
 
 
 def require_tensorrt() -> Any:
-    """The tensorrt module, or a one-line MaskoptError saying how to install it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise MaskoptError(f"TensorRT is not installed (it needs an NVIDIA GPU machine): {INSTALL}") from None
-    return tensorrt
+    """The tensorrt module, or a one-line MaskoptError saying how to install it (checks before any work)."""
+    return require("tensorrt", INSTALL, reason=MISSING)
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def create_config(settings: EngineSettings) -> Any:
 
     pools = None
     if settings.workspace_gb is not None:
-        trt = require_tensorrt()  # the pool key is a TensorRT enum
+        # the pool key is a TensorRT enum
         pools = {trt.MemoryPoolType.WORKSPACE: int(settings.workspace_gb * 2**30)}
     cache = settings.timing_cache
     return CreateConfig(
@@ -210,7 +209,6 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
 
 def refit(engine: Any, weights: dict[str, np.ndarray]) -> None:
     """Load one weight set into a refittable engine (between inferences, never during one)."""
-    trt = require_tensorrt()
     refitter = trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
     refittable = set(refitter.get_all_weights())
     missing = sorted(set(weights) - refittable)
