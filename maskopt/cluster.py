@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import MaskoptError
+from .errors import MaskoptError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class RayEvaluators:
             except ray.exceptions.RayActorError as e:
                 if getattr(e, "actor_init_failed", False):
                     raise _cause(e) from None
-                logger.warning("evaluator %d did not start: %s", a, _first_line(e))
+                logger.warning("evaluator %d did not start: %s", a, first_line(e))
             except ray.exceptions.RayError as e:
                 raise _cause(e) from None
         if not out:
@@ -216,7 +216,7 @@ class RayEvaluators:
                 except ray.exceptions.RayActorError as e:
                     self.stats.deaths += 1
                     self.stats.requeued += len(members)
-                    logger.warning("evaluator %d died (%s): its %d candidate(s) go to another", a, _first_line(e),
+                    logger.warning("evaluator %d died (%s): its %d candidate(s) go to another", a, first_line(e),
                                    len(members))
                     self.pids.pop(a, None)
                     self.history[a] = []
@@ -276,20 +276,15 @@ class RayEvaluators:
             self.ray.shutdown()
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _cause(e: Exception) -> Exception:
     """The exception raised inside an actor, as it was raised (a MaskoptError keeps its one line)."""
     cause = getattr(e, "cause", None)
     if isinstance(cause, MaskoptError):
         return MaskoptError(str(cause))
     if isinstance(cause, BaseException):
-        return MaskoptError(f"a Ray evaluator raised {type(cause).__name__}: {_first_line(cause)}")
+        return MaskoptError(f"a Ray evaluator raised {type(cause).__name__}: {first_line(cause)}")
     # an actor whose __init__ raised (ActorDiedError): the traceback is in the message, its error last
     said = [line.split("MaskoptError: ", 1)[1] for line in str(e).splitlines() if "MaskoptError: " in line]
     if said:
         return MaskoptError(said[-1].strip())
-    return MaskoptError(f"a Ray evaluator failed: {type(e).__name__}: {_first_line(e)}")
+    return MaskoptError(f"a Ray evaluator failed: {type(e).__name__}: {first_line(e)}")

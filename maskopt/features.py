@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .errors import MaskoptError
+from .errors import MaskoptError, first_line
 
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -50,8 +50,7 @@ def load_features(source: str | None = None, device: str = "cpu") -> Features:
     try:
         kind = AutoConfig.from_pretrained(where).model_type
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MaskoptError(f"could not load the features model {source!r}: {first}") from None
+        raise MaskoptError(f"could not load the features model {source!r}: {first_line(e)}") from None
     if kind == "clip":
         from .rewards.clip import ClipEmbedder, load_model, load_preprocess
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import MaskoptError
+from .errors import MaskoptError, first_line
 from .sources import local_or_hub
 
 logger = logging.getLogger(__name__)
@@ -255,9 +255,7 @@ def _load_error(what: str, model: str, e: BaseException, detail: str | None = No
         return MaskoptError(f"could not load {what} from {model!r}: it is not in the local Hugging Face cache and the "
                             "hub cannot be reached; download it where there is a network (huggingface-cli download "
                             f"{model}) and copy the cache, or pass its local folder")
-    text = str(e).strip()
-    first = text.splitlines()[0] if text else type(e).__name__
-    return MaskoptError(f"could not load {what} from {model!r}: " + (f"{detail}: " if detail else "") + first)
+    return MaskoptError(f"could not load {what} from {model!r}: " + (f"{detail}: " if detail else "") + first_line(e))
 
 
 def load_pipeline(model: str = EMBEDDED, device: str = "cpu", dtype: str | torch.dtype = "float32",

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import MaskoptError
+from ..errors import MaskoptError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0]
-        raise MaskoptError(f"{Path(path).name} fails onnx.checker: {first}") from None
+        raise MaskoptError(f"{Path(path).name} fails onnx.checker: {first_line(e)}") from None
 
 
 Case = tuple  # (feeds: {input: array}, expected: {output: array}), the reference computed once per variant

@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from ..errors import MaskoptError
+from ..errors import MaskoptError, first_line
 from ..sources import local_or_hub
 
 
@@ -128,9 +128,8 @@ def load_checkpoint(path: str, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MaskoptError(f"{what} checkpoint {path} cannot be loaded as plain tensors "
-                           f"(torch.load weights_only=True): {first[:200]}") from None
+                           f"(torch.load weights_only=True): {first_line(e)[:200]}") from None
 
 
 def fit(state: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
