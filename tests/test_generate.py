@@ -10,8 +10,9 @@ from PIL import Image
 from export_helpers import cli, copy_of, exported, masks, pipeline, workspace
 from maskopt import MaskoptError
 from maskopt.export.manifest import Manifest
+from maskopt.export.runtime import OrtVariants, RoutedUNet
 from maskopt.export.shapes import Range, ShapeProfile
-from maskopt.generate import GenerateConfig, OrtVariants, RoutedUNet, generate_image
+from maskopt.generate import GenerateConfig, generate_image
 from maskopt.models import load_unet
 
 STEPS = 8
