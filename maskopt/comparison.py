@@ -53,7 +53,6 @@ from .objective import Objective
 from .paths import check_writable, make_folder
 from .prompts import read_prompts
 from .report import save_grid
-from .sampler import FALLBACK
 from .sources import local_or_hub
 from .stats import paired
 
@@ -128,8 +127,8 @@ def run_eval(config: EvalConfig, progress: Callable[[int, int], None] | None = N
 
     # 2. Pipeline, judges, features
     sampler = first.sampler
-    steps = sampler.steps or FALLBACK.steps
-    guidance = sampler.guidance if sampler.guidance is not None else FALLBACK.guidance
+    steps = sampler.filled().steps
+    guidance = sampler.filled().guidance
     pipe = load_pipeline(model, device=config.device, scheduler=sampler.scheduler)
     for path, m in zip(config.masks, mask_sets):
         try:

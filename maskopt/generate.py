@@ -31,7 +31,7 @@ import torch
 from .config import check_size
 from .errors import MaskoptError
 from .paths import check_writable, make_folder
-from .sampler import COMPARED, FALLBACK, Sampler, classifier_free
+from .sampler import COMPARED, Sampler, classifier_free
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
@@ -69,15 +69,6 @@ class Generated:
         how = (f"departs from the search: {', '.join(self.departures)}" if self.departures else
                "as searched" if self.searched.steps is not None else "the mask file records no sampler")
         return f"{self.backend} backend, {self.sampler.describe()}; {how}"
-
-
-def sampling(config: GenerateConfig, searched: Sampler) -> Sampler:
-    """The sampler to run: each setting given in `config`, else the searched one, else FALLBACK's."""
-    pick = lambda given, was, fallback: given if given is not None else was if was is not None else fallback
-    return Sampler(scheduler=pick(config.scheduler, searched.scheduler, None),
-                   steps=pick(config.steps, searched.steps, FALLBACK.steps),
-                   guidance=pick(config.guidance, searched.guidance, FALLBACK.guidance),
-                   size=pick(config.size, searched.size, None))
 
 
 def resolve_backend(config: GenerateConfig) -> str:
@@ -159,7 +150,8 @@ def generate_image(config: GenerateConfig, on_pipe: Callable[[Any], None] | None
     manifest = Manifest.load(config.export_dir) if config.export_dir is not None else None
     masks = MaskSet.load(config.masks if config.masks is not None else Path(config.export_dir) / "masks.json")
     # 2. The sampler: as searched unless a flag says otherwise
-    sampler = sampling(config, masks.sampler)
+    sampler = masks.sampler.filled(scheduler=config.scheduler, steps=config.steps, guidance=config.guidance,
+                                   size=config.size)
     if config.scheduler is None and sampler.scheduler is not None:
         try:  # a scheduler named by the mask file, not by a flag
             check_scheduler(sampler.scheduler)

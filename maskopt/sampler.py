@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .errors import MaskoptError
@@ -70,6 +70,20 @@ class Sampler:
             if searched is not None and now is not None and now != searched:
                 out.append(f"{name} {_show(now)} (searched: {_show(searched)})")
         return out
+
+    def filled(self, **given: Any) -> "Sampler":
+        """What to sample with: each setting `given` that is not None, else this (the searched) sampler's, else
+        FALLBACK's (steps and guidance; its other fields are None: the pipeline's own). The one place generate
+        and eval pick their defaults.
+
+        >>> Sampler(scheduler="ddim", steps=15, guidance=1.0).filled(steps=None, guidance=3.0)
+        Sampler(scheduler='ddim', steps=15, guidance=3.0, size=None, dtype=None, prediction_type=None)
+        >>> Sampler().filled(size=(64, 48))         # a mask file that records no sampler
+        Sampler(scheduler=None, steps=30, guidance=7.5, size=(64, 48), dtype=None, prediction_type=None)
+        """
+        picked = replace(self, **{name: value for name, value in given.items() if value is not None})
+        unset = {f.name: getattr(FALLBACK, f.name) for f in fields(self) if getattr(picked, f.name) is None}
+        return replace(picked, **unset)
 
     def warn_departures(self, what: str, **used: Any) -> list[str]:
         """Log one warning line naming every departure; returns them."""
