@@ -152,14 +152,6 @@ class MaskSet:
             logger.warning("masks were searched on other weights of this architecture (%s), not on %s's: they "
                            "apply, but search again for masks tuned to these weights", self.source or "?", unet_source(unet))
 
-    def check_scheduler(self, scheduler: Any) -> None:
-        """Refuse a scheduler whose training timesteps differ from the buckets' (the buckets would not cover it)."""
-        n = int(scheduler.config.num_train_timesteps)
-        if n != self.buckets.num_train_timesteps:
-            raise MaskoptError(
-                f"mask buckets cover {self.buckets.num_train_timesteps} training timesteps, the scheduler has {n}"
-            )
-
     # -- file ---------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

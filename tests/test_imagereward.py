@@ -162,7 +162,7 @@ def test_the_paper_recipe_loads_both_rewards_by_their_hub_ids(checkpoint, tmp_pa
         "prompts = json.loads(sys.argv[2])\n"
         "scores = reward(images, prompts)\n"
         "print(json.dumps({'spec': spec, 'scores': scores.tolist(), "
-        "'terms': {k: v.tolist() for k, v in reward.last_terms.items()}}))\n")
+        "'terms': {s: r(images, prompts).tolist() for s, _, r in reward.terms}}))\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", script, str(recipe), json.dumps(PROMPTS)], env=env,
                        capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@
     torch.Size([2])
 
 Other specs: "clip" (openai/clip-vit-large-patch14), "hpsv2@/models/HPS_v2.1_compressed.pt" (a local
-checkpoint), "imagereward=1,hpsv2=5" (a weighted sum; reward.last_terms holds each term's scores),
+checkpoint), "imagereward=1,hpsv2=5" (a weighted sum: 1 x ImageReward + 5 x HPSv2),
 "python:my_rewards:brightness" (any function(images, prompts) -> scores).
 
 Spec grammar:

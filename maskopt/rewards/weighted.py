@@ -1,8 +1,6 @@
 """A weighted sum of rewards: ``imagereward=1,hpsv2=5``.
 
 Each term scores the whole batch (batching inside itself); the sum is sum_i w_i * term_i.
-``last_terms`` keeps each term's unweighted scores from the latest call, keyed by the term's
-spec as written, so a search can journal what made up the total.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ class WeightedSum:
         self.terms = terms  # (spec, weight, reward)
         self.name = name
         self.weights = {spec: weight for spec, weight, _ in terms}
-        self.last_terms: dict[str, torch.Tensor] = {}
 
     @property
     def batch_size(self) -> int:
@@ -31,9 +28,6 @@ class WeightedSum:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
         total = torch.zeros(len(prompts), dtype=torch.float32)
-        self.last_terms = {}
-        for spec, weight, reward in self.terms:
-            scores = reward(images, prompts).to(device="cpu", dtype=torch.float32)
-            self.last_terms[spec] = scores
-            total += weight * scores
+        for _, weight, reward in self.terms:
+            total += weight * reward(images, prompts).to(device="cpu", dtype=torch.float32)
         return total
