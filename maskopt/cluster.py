@@ -124,8 +124,8 @@ class RayEvaluators:
     def __init__(self, address: str, settings: dict, prompts: list[str], device: str, evaluators: int = 0,
                  gpus: float = 1.0) -> None:
         ray = self.ray = import_ray()
-        # Measured on Linux here (../shared/FINDINGS.md): without it Ray picks a non-loopback address even when
-        # told 127.0.0.1, and a local cluster's driver can hang connecting to it
+        # Without it Ray (on Linux too) picks this machine's non-loopback address even when told 127.0.0.1, and a
+        # local cluster's driver can hang for minutes connecting to it instead of failing
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self.owns = address == LOCAL and not ray.is_initialized()

@@ -1,7 +1,7 @@
 """ImageReward's own model code, run in this environment, as the reference maskopt's ImageReward is checked against.
 
 The `image-reward` package (1.5, the last release) cannot be imported beside current torch/transformers
-(FINDINGS: no `clip` module, `pkg_resources`, torchvision's compiled ops, `apply_chunking_to_forward`
+(it fails, in turn, on: no `clip` module, `pkg_resources`, torchvision's compiled ops, `apply_chunking_to_forward`
 gone from transformers.modeling_utils, `datasets`). Its model is four source files: models/BLIP/vit.py
 (the ViT), med.py (BLIP's BERT with cross-attention), blip_pretrain.py and ImageReward.py (the MLP head
 and the standardisation). This module downloads the wheel (`pip download image-reward==1.5 --no-deps`,

@@ -79,7 +79,7 @@ def export_onnx(
         _torch_export(variant, raw, sig, example, opset)
         with _quiet():
             # ONNX's shape inference between folding passes: ONNX Runtime's folds a few more shape ops
-            # but costs ~5x the time, and TensorRT folds the rest at build time anyway.
+            # but takes several times as long (docs/benchmarks.md), and TensorRT folds the rest at build time.
             model = FoldConstants(OnnxFromPath(str(raw)), allow_onnxruntime_shape_inference=False)()
             if fp16:
                 model = to_fp16(model, keep_fp32)

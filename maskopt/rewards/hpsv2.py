@@ -9,7 +9,8 @@ HPSv2's benchmark tables print 100x this). Images are fitted as HPSv2 does at in
 (open_clip's ResizeMaxSize: longest side to 224, zero-pad to square; in PIL, so the bicubic overshoot
 clipped), not centre-cropped. Both towers run ViT-H-14's gelu, whatever the base config omits.
 
-open_clip is not imported (it conflicts with this torch; see FINDINGS). The checkpoint's state dict
+open_clip is not imported: it needs torchvision, and the torchvision paired with this torch fails to import
+beside the CPU torch wheel (`operator torchvision::nms does not exist`). The checkpoint's state dict
 (``{"state_dict": ...}`` as HPSv2 saves it) is renamed onto transformers' CLIPModel keys, and loaded
 into a CLIPModel built from laion/CLIP-ViT-H-14-laion2B-s32B-b79K's config.json; that repo also
 gives the tokenizer and preprocessing sizes (no weights are fetched from it). Any key left unmapped,

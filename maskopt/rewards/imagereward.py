@@ -7,8 +7,9 @@ Specs: `imagereward` (THUDM/ImageReward's ImageReward.pt and med_config.json), `
 Score: (MLP(text encoder's [CLS] cross-attending to the image) - 0.16717) / 1.03334, ImageReward's own
 standardisation (about N(0, 1) over its training set), what its `score()` returns.
 
-The image-reward package does not import beside current torch and transformers (FINDINGS), so its
-checkpoint is read directly (`torch.load(weights_only=True)`) and mapped onto transformers' BLIP classes:
+The image-reward package (1.5, the last release) fails to import beside current torch and transformers
+(tests/imagereward_reference.py lists what it misses), so its checkpoint is read directly
+(`torch.load(weights_only=True)`) and mapped onto transformers' BLIP classes:
 `blip.visual_encoder.*` onto a BlipVisionModel (its ViT: width, depth, patch and image size read from
 the checkpoint, 64-wide heads as BLIP's ViTs have, LayerNorm eps 1e-6), `blip.text_encoder.*` onto a
 BlipTextModel (med_config.json; cross-attention to the ViT's width), `mlp.layers.*` onto the head. A key
