@@ -21,7 +21,7 @@ import torch
 
 from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward
-from maskopt.evaluate import Evaluator
+from maskopt.scoring import Evaluator
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline, model_for
 from maskopt.prompts import read_prompts

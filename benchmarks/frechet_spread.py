@@ -17,7 +17,7 @@ import torch
 from maskopt.config import resolve
 from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward, frechet_distance
-from maskopt.evaluate import Evaluator
+from maskopt.scoring import Evaluator
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline
 from maskopt.prompts import read_prompts

@@ -65,7 +65,7 @@ def main() -> None:
         if not (folder / "masks.json").exists():  # a search kept from an earlier run is scored again, not redone
             run_search(resolve(None, space=args.space, budget=args.budget, optimizer=name, out=str(folder)))
         masks = MaskSet.load(folder / "masks.json", unet=pipe.unet)
-        seconds = sum(e["seconds"] for e in read(folder / "journal.jsonl")[1])
+        seconds = sum(e.seconds for e in read(folder / "journal.jsonl")[1])
         if ev is None:  # the baseline and FreeU's grid, once, on the same held-out images as every row
             ev = held_out(pipe, masks, cfg, args.seeds)
             base = ev(np.ones_like(masks.values), keep_images=True)

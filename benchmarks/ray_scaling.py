@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from maskopt.config import resolve
-from maskopt.search import prepare, search_evaluator
+from maskopt.evaluators import search_evaluator
+from maskopt.search import prepare
 
 
 def main() -> None:

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from maskopt.config import SearchConfig, complete, resolve
-from maskopt.evaluate import Evaluator, TrajectoryCache
+from maskopt.scoring import Evaluator, TrajectoryCache
 from maskopt.journal import read
 from maskopt.rewards import load_reward
-from maskopt.search import load_model, prepare, run_search
+from maskopt.evaluators import load_model
+from maskopt.search import prepare, run_search
 
 
 def search_journal(args: argparse.Namespace) -> Path:
@@ -51,7 +52,7 @@ def evaluators(cfg: SearchConfig, header: dict | None = None) -> Callable[[Traje
         assert template.buckets.to_list() == header["buckets"], "the journal is for other buckets"
     reward = load_reward(cfg.reward, cfg.device)
     return lambda cache: Evaluator(pipe, reward, template, inputs.prompts, range(cfg.seeds), cfg.steps,
-                                   cfg.guidance, cfg.size, cache, cfg.batch_size)
+                                   cfg.guidance, cfg.size, cache=cache, batch_size=cfg.batch_size)
 
 
 def main() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
     hits = calls = 0
     same = True
     for i, e in enumerate(entries):
-        values = np.asarray(e["values"])
+        values = np.asarray(e.values)
         order = ("cached", "plain") if i % 2 == 0 else ("plain", "cached")
         for name in order:
             ev = (cached if name == "cached" else plain)(values)

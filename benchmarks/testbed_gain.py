@@ -31,7 +31,7 @@ import torch
 from maskopt.config import SearchConfig, complete, resolve
 from maskopt.default import HOLDOUT_PROMPTS_PATH
 from maskopt.default.reward import DigitReward, frechet_distance
-from maskopt.evaluate import Evaluation, Evaluator
+from maskopt.scoring import Evaluation, Evaluator
 from maskopt.freeu import GRID, enabled
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from maskopt.asktell import choosable
 from maskopt.config import resolve
-from maskopt.evaluate import UNSEEN_SEED0, Evaluator
+from maskopt.scoring import UNSEEN_SEED0, Evaluator
 from maskopt.journal import read
 from maskopt.rewards import load_reward
-from maskopt.search import load_model, prepare, run_search
+from maskopt.evaluators import load_model
+from maskopt.search import prepare, run_search
 from maskopt.stats import paired
 
 
@@ -52,8 +52,8 @@ def time_to(entries: list[dict], target: float) -> float | None:
     """Evaluation seconds summed in journal order up to the first full score reaching `target`."""
     spent = 0.0
     for e in entries:
-        spent += e["seconds"]
-        if choosable(e) and e["reward"] >= target - 1e-12:
+        spent += e.seconds
+        if e.choosable and e.reward >= target - 1e-12:
             return spent
     return None
 
@@ -75,7 +75,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="maskopt-race-"))
 
     plain, plain_wall = search(args, root, False, args.budget)
-    target = max(e["reward"] for e in plain if choosable(e))
+    target = max(e.reward for e in plain if e.choosable)
     raced, race_wall = search(args, root, True, args.race_budget or args.budget * 3 // 2)
     one = search(args, root, False, args.budget, workers=1) if args.previous else None
     cfg = resolve(args.recipe, out=tempfile.mkdtemp(), seed=args.seed, race_margin=args.margin,
@@ -90,22 +90,22 @@ def main() -> None:
     search_eval = make(inputs.prompts, range(cfg.seeds))
     held = make(inputs.holdout, range(UNSEEN_SEED0, UNSEEN_SEED0 + args.holdout_seeds))
 
-    best = lambda entries: min(filter(choosable, entries), key=lambda e: -e["objective"])
+    best = lambda entries: min((e for e in entries if e.choosable), key=lambda e: -e.objective)
     ones = np.ones(template.values.shape)
     base_h = held(ones).rewards
-    plain_h, race_h = held(np.asarray(best(plain)["values"])).rewards, held(np.asarray(best(raced)["values"])).rewards
+    plain_h, race_h = held(np.asarray(best(plain).values)).rewards, held(np.asarray(best(raced).values)).rewards
 
     # false stops: stopped candidates scored in full, against the incumbent they were stopped against
-    by_i = {e["i"]: e for e in raced}
-    stopped = [e for e in raced if "partial" in e and not e["failed"]]
+    by_i = {e.i: e for e in raced}
+    stopped = [e for e in raced if e.partial is not None and not e.failed]
     rng = np.random.default_rng(0)
     sample = [stopped[i] for i in sorted(rng.choice(len(stopped), min(args.recheck, len(stopped)), replace=False))]
-    margin_abs = cfg.race_margin * float(np.std(raced[0]["image_rewards"], ddof=1))
+    margin_abs = cfg.race_margin * float(np.std(raced[0].image_rewards, ddof=1))
     false = 0
     for e in sample:
-        full = search_eval(np.asarray(e["values"])).reward
-        inc = by_i[e["partial"]["incumbent"]]
-        gain = full - inc["reward"]  # the default recipe has no sparsity term
+        full = search_eval(np.asarray(e.values)).reward
+        inc = by_i[e.partial["incumbent"]]
+        gain = full - inc.reward  # the default recipe has no sparsity term
         false += gain > margin_abs
 
     # the physical limit: the U-Net's own time per image-step, timed by hooks inside one uncached evaluation
@@ -124,9 +124,9 @@ def main() -> None:
 
     def row(name: str, entries: list[dict], wall: float) -> dict:
         images = sum(e.get("images", n) for e in entries)
-        return {"search": name, "evaluations": len(entries), "best": max(e["reward"] for e in entries if choosable(e)),
+        return {"search": name, "evaluations": len(entries), "best": max(e.reward for e in entries if e.choosable),
                 "images": images, "naive_images": n * len(entries), "wall_s": round(wall, 1),
-                "eval_s": round(sum(e["seconds"] for e in entries), 1), "time_to_target_s": time_to(entries, target),
+                "eval_s": round(sum(e.seconds for e in entries), 1), "time_to_target_s": time_to(entries, target),
                 "limit_s": round(images * cfg.steps * unet, 1)}
 
     rows = [row("plain", plain, plain_wall), row("raced", raced, race_wall)]
@@ -136,7 +136,7 @@ def main() -> None:
         print(json.dumps(r))
     gains = {"plain": paired(base_h, plain_h), "raced": paired(base_h, race_h), "raced - plain": paired(plain_h, race_h)}
     if one is not None:
-        one_h = held(np.asarray(best(one[0])["values"])).rewards
+        one_h = held(np.asarray(best(one[0]).values)).rewards
         gains.update({"plain, --workers 1": paired(base_h, one_h), "raced - plain at --workers 1": paired(one_h, race_h)})
     for k, p in gains.items():
         print(f"held-out ({len(base_h)} images) {k}: {p.describe()}")

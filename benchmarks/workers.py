@@ -56,7 +56,7 @@ def main() -> None:
                     single = [evaluator(v) for v in group]
                     alone += sum(e.seconds for e in single)
                 else:
-                    batch = evaluator.many(group)
+                    batch = evaluator.score(group)
                     together += sum(e.seconds for e in batch)
             diff = max(diff, max(abs(a - b) for s, t in zip(single, batch) for a, b in zip(s.rewards, t.rewards)))
         n = len(candidates)

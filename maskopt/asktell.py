@@ -32,31 +32,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .objective import INFEASIBLE_LOSS
+from .journal import Entry
 from .space import close, decode, encode, tell
 
 logger = logging.getLogger(__name__)
 
-FAILED_LOSS = 1e6  # a candidate whose reward is NaN/inf: scored as failed, the search goes on
 MAX_REPEATS = 1000  # already-evaluated proposals in a row after which a search counts as converged
 
 Evaluate = Callable[[list[np.ndarray]], list[float]]  # value arrays -> their losses, in order
-
-
-def entry_loss(entry: dict) -> float:
-    """The loss a journal entry was told: minus its objective; FAILED_LOSS for a failed candidate; for one that
-    breaks a bound on a set-level term, INFEASIBLE_LOSS plus its violation (objective.py)."""
-    if entry["failed"]:
-        return FAILED_LOSS
-    if not entry.get("feasible", True):
-        return INFEASIBLE_LOSS + entry["violation"]
-    return -entry["objective"]
-
-
-def choosable(entry: dict) -> bool:
-    """Whether a journal entry may become the best (the incumbent, the mask file's values): scored, and on
-    every image (a raced candidate stopped early only has an estimate), and within the bounds."""
-    return not entry["failed"] and entry.get("feasible", True) and "partial" not in entry
 
 
 def key(values: Any) -> bytes:
@@ -85,7 +68,7 @@ class AskTell:
         info = getattr(self.opt, "_info", None)
         return info().get("sub-optim") if callable(info) else None
 
-    def run(self, evaluate: Evaluate, journal: Sequence[dict] = ()) -> dict[bytes, float]:
+    def run(self, evaluate: Evaluate, journal: Sequence[Entry] = ()) -> dict[bytes, float]:
         """Evaluate the baseline, then ask, evaluate and tell until `budget` candidates are evaluated.
 
         `evaluate` scores a list of value arrays (a group, evaluated together). `journal`: evaluations
@@ -100,8 +83,8 @@ class AskTell:
             self.opt = self.make()
             known = {}
             for e in journal:
-                self._tell_unasked(e["values"], entry_loss(e))
-                known[key(e["values"])] = entry_loss(e)
+                self._tell_unasked(e.values, e.loss)
+                known[key(e.values)] = e.loss
             return self._loop(evaluate, known)
 
     def close(self) -> None:
@@ -145,17 +128,17 @@ class AskTell:
 class _JournalFirst:
     """An `evaluate` that answers from the journal while it lasts and checks that each ask is the one journaled."""
 
-    def __init__(self, journal: Sequence[dict], evaluate: Evaluate) -> None:
+    def __init__(self, journal: Sequence[Entry], evaluate: Evaluate) -> None:
         self.journal, self.evaluate, self.pos = list(journal), evaluate, 0
 
     def __call__(self, group: list[np.ndarray]) -> list[float]:
         n = min(len(group), len(self.journal) - self.pos)
         replayed = self.journal[self.pos:self.pos + n]
-        if any(key(v) != key(e["values"]) for v, e in zip(group, replayed)):
+        if any(key(v) != key(e.values) for v, e in zip(group, replayed)):
             raise Diverged
         self.pos += n
         # a group cut by a kill: its journaled part is replayed, the rest evaluated now, as it was asked
-        return [entry_loss(e) for e in replayed] + (self.evaluate(group[n:]) if n < len(group) else [])
+        return [e.loss for e in replayed] + (self.evaluate(group[n:]) if n < len(group) else [])
 
 
 def ask_group(opt: Any, kind: str, shape: tuple[int, int], known: dict[bytes, float], want: int,

@@ -141,29 +141,29 @@ def search(recipe: str | None, **flags) -> None:
     """Search per-bucket mask values against a reward, without gradients."""
     from tqdm import tqdm
 
-    from .asktell import choosable
     from .config import resolve
-    from .search import run_search
+    from .search import Progress, run_search
 
     cfg = resolve(recipe, **flags)
     bar = None  # made at the first evaluation, so input errors print alone
     shown = {"best": float("-inf"), "hits": 0, "calls": 0, "stopped": 0}  # over this run's evaluations
 
-    def progress(entry: dict) -> None:
+    def progress(p: Progress) -> None:
         nonlocal bar
+        entry = p.entry
         if bar is None:  # in images scored, of the naive total (every candidate on every image)
-            bar = tqdm(total=entry["images_naive"], initial=entry["images_done"] - entry["images"], desc="search",
+            bar = tqdm(total=p.images_naive, initial=p.images_done - entry.images, desc="search",
                        unit="img", dynamic_ncols=True)
-        if choosable(entry):  # the best a mask file could hold
-            shown["best"] = max(shown["best"], entry["reward"])
-        shown["hits"] += entry["cache_hits"]
-        shown["calls"] += entry["cache_hits"] + entry["unet_calls"]
-        shown["stopped"] += "partial" in entry
-        bar.update(entry["images"])
+        if entry.choosable:  # the best a mask file could hold
+            shown["best"] = max(shown["best"], entry.reward)
+        shown["hits"] += entry.cache_hits
+        shown["calls"] += entry.cache_hits + entry.unet_calls
+        shown["stopped"] += entry.partial is not None
+        bar.update(entry.images)
         # U-Net calls replayed from the trajectory cache so far, of all this run's calls
-        bar.set_postfix(evals=f"{entry['i'] + 1}/{cfg.budget}", best=f"{shown['best']:.4f}",
+        bar.set_postfix(evals=f"{entry.i + 1}/{cfg.budget}", best=f"{shown['best']:.4f}",
                         **({"stopped": shown["stopped"]} if cfg.race else {}),
-                        **({"evaluators": entry["evaluators"]} if "evaluators" in entry else {}),
+                        **({"evaluators": p.evaluators} if p.evaluators is not None else {}),
                         cache_hits=f"{shown['hits']}/{shown['calls']}", refresh=False)
 
     try:

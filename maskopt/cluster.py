@@ -94,7 +94,7 @@ class _Actor:
 
     def __init__(self, settings: dict, prompts: list[str]) -> None:
         from .config import SearchConfig
-        from .search import search_evaluator
+        from .evaluators import search_evaluator
 
         logging.basicConfig(level=logging.WARNING)
         self.evaluator = search_evaluator(SearchConfig.from_dict(settings), prompts)

@@ -44,7 +44,7 @@ from scipy.stats import permutation_test
 
 from . import rewards
 from .errors import MaskoptError
-from .evaluate import UNSEEN_SEED0, Evaluator
+from .scoring import UNSEEN_SEED0, Evaluator
 from .features import image_files, load_features, load_images
 from .freeu import GRID, FreeU, enabled, recommended
 from .maskset import MaskSet
@@ -142,7 +142,7 @@ def run_eval(config: EvalConfig, progress: Callable[[int, int], None] | None = N
     reference = _reference(config.reference, size, embedded)
     reference_features = features(reference) if reference is not None else None
     sample = lambda template, ps, seeds, reward, measure=None: Evaluator(
-        pipe, reward, template, ps, seeds, steps, guidance, size, None, config.batch_size, measure)
+        pipe, reward, template, ps, seeds, steps, guidance, size, batch_size=config.batch_size, measure=measure)
 
     # 3. FreeU's setting: given, diffusers' for the U-Net's family, or the grid's best on the search data
     with_freeu = config.freeu.strip().lower() != "none"
@@ -186,13 +186,13 @@ def _pick_freeu(grid: dict, first: Any, pipe: Any, sample: Callable, loaded: dic
     """The grid's best setting on the search prompts x seeds, under the search's own objective: its reward, its
     set-level terms and its bounds (a setting that breaks a bound is not picked), as the masks were picked."""
     from .config import SearchConfig, complete
-    from .search import set_measure
+    from .evaluators import set_measure
 
     objective = grid["objective"]
     reward = loaded.get(objective.reward) or rewards.load_reward(objective.reward, device)
     measure = None
     if objective.measures:  # the search's features and reference, from its recorded settings
-        measure = set_measure(objective, complete(SearchConfig.from_dict(grid["config"])), size)(len(grid["prompts"]))
+        measure = set_measure(complete(SearchConfig.from_dict(grid["config"])), size)(len(grid["prompts"]))
     picker = sample(first, grid["prompts"], grid["seeds"], reward, measure)
     ones = np.ones_like(first.values)
     base = picker(ones) if objective.measures else None  # the set terms are ratios to the baseline's

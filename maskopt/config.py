@@ -13,6 +13,7 @@ at the head of the journal and in the mask file's provenance.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import types
@@ -80,6 +81,13 @@ class SearchConfig:
     # Settings that do not change what a search computes: free to differ on --resume.
     RUNTIME = ("out", "resume", "budget", "workers", "device", "cache", "batch_size", "ray", "evaluators",
                "ray_gpus_per_evaluator")
+
+    @functools.cached_property
+    def objective(self) -> Any:
+        """The reward spec and the bounds, parsed once per config (objective.Objective)."""
+        from .objective import Objective
+
+        return Objective.parse(self.reward, self.requires)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SearchConfig":

@@ -46,9 +46,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from scipy.stats import t as student_t
+
+from .journal import Entry
 
 TIE = 1e-9  # a stopped candidate is told strictly worse than the incumbent (nevergrad's bests take ties)
 
@@ -119,3 +122,42 @@ def told_loss(estimate: float, incumbent: float) -> float:
     by less than the margin, and is then capped, as a loser within the indifference zone.
     """
     return max(estimate, incumbent + TIE * max(1.0, abs(incumbent)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the racing policy of a search: which group is scored, against whom, and what a stopped candidate is told
+
+
+def group_of(entries: Sequence[Entry], size: int) -> tuple[int, int]:
+    """(first entry, size) of the group about to be scored: a new one after the journal, or the rest of a group a
+    kill cut, taken as it began (its incumbent fixed at the group's start, as in the uninterrupted search)."""
+    if entries and entries[-1].group is not None and sum(entries[-1].group) > len(entries):
+        start, size = entries[-1].group
+        return start, size
+    return len(entries), size
+
+
+def incumbent_of(entries: Sequence[Entry], start: int) -> Entry | None:
+    """The best candidate scored in full before entry `start`: what a group starting there races against."""
+    return min((e for e in entries[:start] if e.choosable), key=lambda e: e.loss, default=None)
+
+
+def against(race: Race, incumbent: Entry, offsets: Sequence[float], baseline: Entry) -> Against:
+    """What a group races against: the incumbent's per-image rewards, the margin in units of the baseline's
+    per-image spread, and per candidate its objective terms known without images (`offsets`, sparsity)."""
+    margin = race.margin * float(np.std(baseline.image_rewards, ddof=1))
+    return Against(Race(race.looks, race.alpha, margin), tuple(incumbent.image_rewards),
+                   tuple(o - (incumbent.objective - incumbent.reward) for o in offsets))
+
+
+def stopped(entry: Entry, scored: Sequence[bool], incumbent: Entry, offset: float, reason: str, of: int) -> Entry:
+    """`entry`, stopped by the race after the images `scored`: journaled with its paired estimate and told it,
+    never better than the incumbent (`told_loss`)."""
+    base = np.asarray(incumbent.image_rewards)
+    mask = np.asarray(scored)
+    estimate = incumbent.reward + float(np.mean(np.asarray(entry.image_rewards)[mask] - base[mask])) + offset
+    if not entry.failed:
+        entry.objective = -told_loss(-estimate, incumbent.loss)
+    entry.partial = {"images": entry.images, "of": of, "estimate": estimate, "incumbent": incumbent.i,
+                     "reason": reason}
+    return entry

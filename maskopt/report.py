@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .asktell import choosable
 from .config import SearchConfig
+from .journal import Entry
 from .maskset import MaskSet
 from .stats import SMALL_N, Paired
 
@@ -26,13 +26,13 @@ def _plt():
     return plt
 
 
-def plot_progress(entries: Sequence[dict], path: Path) -> None:
+def plot_progress(entries: Sequence[Entry], path: Path) -> None:
     plt = _plt()
-    r = np.array([e["reward"] if choosable(e) else np.nan for e in entries])
+    r = np.array([e.reward if e.choosable else np.nan for e in entries])
     best = np.fmax.accumulate(np.nan_to_num(r, nan=-np.inf))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(r, ".", alpha=0.5, label="candidate")
-    stopped = [(e["i"], e["partial"]["estimate"]) for e in entries if "partial" in e and not e["failed"]]
+    stopped = [(e.i, e.partial["estimate"]) for e in entries if e.partial is not None and not e.failed]
     if stopped:
         ax.plot(*zip(*stopped), "x", color="gray", alpha=0.4, ms=3, label="stopped early (paired estimate)")
     ax.plot(best, "-", label="best so far")
@@ -81,13 +81,13 @@ def _set_terms(cfg: SearchConfig, p: dict) -> str:
             f"held-out, the chosen masks: {held}")
 
 
-def _racing(cfg: SearchConfig, entries: Sequence[dict]) -> str:
+def _racing(cfg: SearchConfig, entries: Sequence[Entry]) -> str:
     """The line on racing: how many candidates stopped early and the images they left unscored."""
     if not cfg.race:
         return ""
-    n = max(e.get("images", 0) for e in entries)
-    scored = sum(e.get("images", n) for e in entries)
-    stopped = sum("partial" in e for e in entries)
+    n = max(e.images or 0 for e in entries)
+    scored = sum(n if e.images is None else e.images for e in entries)
+    stopped = sum(e.partial is not None for e in entries)
     return (f"\n- racing (looks {','.join(f'{x:g}' for x in cfg.race_looks)}, alpha {cfg.race_alpha:g}, margin {cfg.race_margin:g} sd): {stopped} of "
             f"{len(entries)} candidates stopped early; {scored} images scored of {n * len(entries)} "
             f"({scored / max(n * len(entries), 1):.2f})")
@@ -97,7 +97,7 @@ def write_report(
     out: Path,
     cfg: SearchConfig,
     masks: MaskSet,
-    entries: Sequence[dict],
+    entries: Sequence[Entry],
     holdout: Paired,
     holdout_prompts: Sequence[str],
     baseline_images: torch.Tensor,
@@ -121,8 +121,8 @@ def write_report(
     if holdout.n < SMALL_N:
         verdict += (f"\n\nThis rests on {holdout.n} images: below {SMALL_N}, a 95% interval on the embedded default held the "
                     "true gain only 76-89% of the time (docs/benchmarks.md); raise --holdout-seeds for a firmer figure.")
-    hits = sum(e.get("cache_hits", 0) for e in entries)
-    calls = sum(e.get("unet_calls", 0) for e in entries)
+    hits = sum(e.cache_hits or 0 for e in entries)
+    calls = sum(e.unet_calls or 0 for e in entries)
     text = f"""# maskopt search report
 
 {verdict}
@@ -136,7 +136,7 @@ def write_report(
 
 - model: `{cfg.model}`, reward: `{p['reward']}`, space: `{cfg.space}`, optimizer: `{p['optimizer']}`{runs} ({cfg.strategy})
 - {len(masks.units)} units x {len(masks.buckets)} buckets, {removed} (bucket, unit) values at 0
-- {len(entries)} evaluations, {sum(e['seconds'] for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls{_racing(cfg, entries)}{_set_terms(cfg, p)}{"".join(chr(10) + "- " + n for n in notes)}
+- {len(entries)} evaluations, {sum(e.seconds for e in entries):.0f} s; trajectory cache replayed {hits} of {hits + calls} U-Net calls{_racing(cfg, entries)}{_set_terms(cfg, p)}{"".join(chr(10) + "- " + n for n in notes)}
 - sampler (recorded in masks.json; generate and export default to it): {masks.sampler.describe()}, {cfg.dtype}
 
 ## Reward versus evaluations

@@ -247,7 +247,10 @@ def _ieee_fp32() -> Iterator[None]:
 
 
 class Evaluator:
-    """Scores value matrices for one pipeline, prompt set, seed set and sampler setting."""
+    """Scores value matrices for one pipeline, prompt set, seed set and sampler setting.
+
+    The one implementation of the evaluator protocol (`evaluators.py`) that runs the pipeline itself.
+    """
 
     def __init__(
         self,
@@ -259,12 +262,13 @@ class Evaluator:
         steps: int,
         guidance: float,
         size: tuple[int, int] | None = None,
+        *,
         cache: TrajectoryCache | None = None,
         batch_size: int = 0,
         measure: Callable[[torch.Tensor], dict[str, float]] | None = None,
     ) -> None:
         self.pipe, self.reward, self.template = pipe, reward, template
-        self.measure = measure  # images of one candidate -> its set-level terms (search.set_measure)
+        self.measure = measure  # images of one candidate -> its set-level terms (evaluators.set_measure)
         self.prompts, self.seeds = list(prompts), list(seeds)
         self.steps, self.guidance, self.size = steps, guidance, size
         self.cache = cache
@@ -273,59 +277,40 @@ class Evaluator:
         self.image_prompts = [p for _ in self.seeds for p in self.prompts]
         self.image_seeds = [s for s in self.seeds for _ in self.prompts]
 
+    alive = 1  # the evaluator protocol: evaluators scoring (evaluators.py)
+
+    def close(self) -> None:
+        """The evaluator protocol's close: nothing is held outside this process."""
+
     def __call__(self, values: np.ndarray, keep_images: bool = False) -> Evaluation:
-        return self.many([values], keep_images)[0]
-
-    def many(self, candidates: Sequence[np.ndarray], keep_images: bool = False) -> list[Evaluation]:
-        """Evaluate candidates together: each pipeline call holds every candidate's images (`--workers`).
-
-        One candidate runs under `apply` (its weights bit for bit those of `bake`); several share the
-        batch under `per_sample`, equal up to float rounding. `seconds` is the group's time split evenly.
-        """
-        t0 = time.perf_counter()
-        masksets = [self.template.with_values(v) for v in candidates]
-        w, n = len(masksets), len(self.image_prompts)
-        step = self.batch_size or n
-        parts = [np.arange(start, min(start + step, n)) for start in range(0, n, step)]
-        with full_fp32(self.pipe.unet.device):  # sampling and scoring alike
-            per, hits, calls = self._images(masksets, parts, [int(p[0]) for p in parts], chunked=False)
-            scores = self._score(torch.cat(per), self.image_prompts * w)
-        seconds = (time.perf_counter() - t0) / w
-        results = []
-        for c in range(w):
-            rewards = [float(r) for r in scores[c * n:(c + 1) * n]]
-            mean = float(np.mean(rewards)) if all(math.isfinite(r) for r in rewards) else float("nan")
-            measures = self.measure(per[c]) if self.measure is not None else {}
-            results.append(Evaluation(mean, rewards, seconds, hits[c], calls[c], per[c] if keep_images else None,
-                                      measures))
-        return results
+        return self.score([values], keep_images=keep_images)[0]
 
     def score(self, candidates: Sequence[np.ndarray], plan: Sequence[np.ndarray] | None = None,
-              against: Any = None) -> list[Evaluation]:
-        """A group's evaluations as a search makes them: every image at once (`plan` None), or raced chunk by
-        chunk over `plan` against `against` (race.Against; None: the baseline, which nothing stops)."""
-        if plan is None:
-            return self.many(candidates)
-        return self.race(candidates, plan, against.stop if against is not None else (lambda c, idx, r: None))
+              against: Any = None, keep_images: bool = False) -> list[Evaluation]:
+        """Evaluate candidates together: each pipeline call holds every candidate's images (`--workers`).
 
-    def race(self, candidates: Sequence[np.ndarray], chunks: Sequence[np.ndarray],
-             stop: Callable[[int, np.ndarray, np.ndarray], str | None]) -> list[Evaluation]:
-        """Evaluate candidates chunk by chunk (image indices, the same chunks for every candidate, race.py).
+        `plan`: the image indices of each chunk, the same for every candidate (race.py); None: every image in one
+        chunk, in order. After each chunk but the last, `against.stop(c, scored, rewards)` (race.Against: candidate
+        c, the indices of its images scored so far and their rewards) says why candidate c stops there, or None;
+        `against` None stops nothing (the baseline, a plain search). A candidate with a NaN or inf reward stops at
+        once (it is failed whatever its other images score). The others go on together.
 
-        After each chunk but the last, `stop(c, scored, rewards)` (candidate c, the indices of its images
-        scored so far and their rewards) says why candidate c stops there, or None; a candidate with a NaN or
-        inf reward stops at once (it is failed whatever its other images score). The others go on together.
-        Each chunk's time is split evenly among the candidates that ran it.
+        One candidate runs under `apply` (its weights bit for bit those of `bake`); several share the batch
+        under `per_sample`, equal up to float rounding. Each chunk's time is split evenly among the candidates
+        that ran it.
         """
         masksets = [self.template.with_values(v) for v in candidates]
         w, n = len(masksets), len(self.image_prompts)
+        # a raced chunk's cache entries weigh their share of the images; a whole evaluation's (its --batch-size
+        # calls included) weigh 1, as --cache counts them
+        chunks, weigh = (plan, True) if plan is not None else ([np.arange(n)], False)
         rewards = np.full((w, n), np.nan)
         scored = np.zeros((w, n), dtype=bool)
         hits, calls, seconds = [0] * w, [0] * w, [0.0] * w
         stopped: list[str | None] = [None] * w
-        kept: list[list[tuple[np.ndarray, torch.Tensor]]] = [[] for _ in range(w)]  # for the set-level terms
+        kept: list[list[tuple[np.ndarray, torch.Tensor]]] = [[] for _ in range(w)]  # set-level terms, keep_images
         active = list(range(w))
-        with full_fp32(self.pipe.unet.device):
+        with full_fp32(self.pipe.unet.device):  # sampling and scoring alike
             for j, chunk in enumerate(chunks):
                 if not active:
                     break
@@ -334,14 +319,14 @@ class Evaluator:
                 parts = [chunk[s:s + step] for s in range(0, len(chunk), step)]
                 # tags (chunk, offset): a chunk's cache entries serve the same chunk of later candidates
                 per, h, cl = self._images([masksets[c] for c in active], parts,
-                                          [(j, s) for s in range(0, len(chunk), step)])
+                                          [(j, s) for s in range(0, len(chunk), step)], weigh)
                 scores = self._score(torch.cat(per), [self.image_prompts[i] for i in chunk] * len(active))
                 m = len(chunk)
                 for a, c in enumerate(active):
                     rewards[c, chunk] = scores[a * m:(a + 1) * m].double().numpy()
                     scored[c, chunk] = True
                     hits[c], calls[c] = hits[c] + h[a], calls[c] + cl[a]
-                    if self.measure is not None:
+                    if self.measure is not None or keep_images:
                         kept[c].append((chunk, per[a]))
                 dt = (time.perf_counter() - t0) / len(active)
                 for c in active:
@@ -353,8 +338,8 @@ class Evaluator:
                     idx = np.flatnonzero(scored[c])
                     if not np.isfinite(rewards[c, idx]).all():
                         stopped[c] = "a reward is NaN or inf"
-                    else:
-                        stopped[c] = stop(c, idx, rewards[c, idx])
+                    elif against is not None:
+                        stopped[c] = against.stop(c, idx, rewards[c, idx])
                     if stopped[c] is None:
                         going.append(c)
                 active = going
@@ -363,21 +348,22 @@ class Evaluator:
             done = bool(scored[c].all())
             r = rewards[c][scored[c]]
             mean = float(r.mean()) if np.isfinite(r).all() else float("nan")
-            measures = {}
-            if self.measure is not None and done:
+            images, measures = None, {}
+            if done and kept[c]:
                 order = np.concatenate([idx for idx, _ in kept[c]])
                 images = torch.cat([im for _, im in kept[c]])[torch.as_tensor(np.argsort(order))]  # (seed, prompt) order
-                measures = self.measure(images)
-            results.append(Evaluation(mean, rewards[c].tolist(), seconds[c], hits[c], calls[c], None, measures,
+                if self.measure is not None:
+                    measures = self.measure(images)
+            results.append(Evaluation(mean, rewards[c].tolist(), seconds[c], hits[c], calls[c],
+                                      images if keep_images else None, measures,
                                       None if done else scored[c].tolist(), stopped[c]))
         return results
 
-    def _images(self, masksets: list[MaskSet], parts: Sequence[np.ndarray], tags: Sequence[Any], chunked: bool = True,
+    def _images(self, masksets: list[MaskSet], parts: Sequence[np.ndarray], tags: Sequence[Any], weigh: bool,
                 ) -> tuple[list[torch.Tensor], list[int], list[int]]:
         """Every candidate's images of the image indices in `parts` (one pipeline call each, cache tag
         `tags[i]`), concatenated per candidate; and per candidate its U-Net calls replayed and run.
-        `chunked`: a raced chunk's cache entries weigh their share of the images (a `--batch-size` call's
-        weigh 1, as they always did: --cache counts them)."""
+        `weigh`: cache entries weigh their share of the images (else 1)."""
         w = len(masksets)
         unet = self.pipe.unet
         masking = apply(unet, masksets[0], check=False) if w == 1 else per_sample(unet, masksets)
@@ -387,7 +373,7 @@ class Evaluator:
             for idx, tag in zip(parts, tags):
                 m = len(idx)
                 with stepping(unet, masksets, m, self.cache, tag, masking if w > 1 else None,
-                              m / len(self.image_prompts) if chunked else 1.0) as run:
+                              m / len(self.image_prompts) if weigh else 1.0) as run:
                     out = self._sample(idx, w)
                 for c in range(w):
                     images[c].append(out[c * m:(c + 1) * m])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,37 +26,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
-from .asktell import AskTell, choosable, entry_loss
+from . import race, starts
+from .asktell import AskTell
 from .buckets import Buckets
 from .cluster import OFF
 from .config import SearchConfig, complete
 from .errors import MaskoptError
-from .evaluate import UNSEEN_SEED0, Evaluation, Evaluator, TrajectoryCache
-from .journal import Journal, read
-from .maskset import MaskSet
-from .objective import Objective
+from .evaluators import Evaluators, Loaded, search_evaluators
+from .journal import Entry, Journal, read
+from .outcome import SearchResult, finish
 from .prompts import read_prompts
-from .race import Against, Race, told_loss
-from .sampler import Sampler
-from . import starts
+from .scoring import Evaluation
 from .space import check_point, optimizer, space
-from .stats import Paired, paired
 from .sweep import BucketSweep
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass
-class SearchResult:
-    out: Path
-    masks_path: Path
-    best: dict[str, Any]  # the journal entry of the best candidate
-    baseline: dict[str, Any]
-    holdout: Paired
-    evaluations: int
 
 
 @dataclass
@@ -83,7 +67,7 @@ def prepare(cfg: SearchConfig) -> Inputs:
     if len(holdout) * cfg.holdout_seeds < 2:  # one pair has no spread: its "interval" would be a single point
         raise MaskoptError(f"the held-out check needs at least 2 images: {len(holdout)} held-out prompt(s) x "
                            f"--holdout-seeds {cfg.holdout_seeds}; raise --holdout-seeds")
-    objective = Objective.parse(cfg.reward, cfg.requires)
+    objective = cfg.objective
     for file, ps in ((cfg.prompts, prompts), (cfg.holdout_prompts, holdout)):
         rewards.check(objective.reward, ps, where=f"prompt file {file}")
     if objective.measures:
@@ -105,7 +89,7 @@ def prepare(cfg: SearchConfig) -> Inputs:
     return Inputs(prompts, holdout, out, fresh, created, cfg)
 
 
-def _check_set_terms(objective: Objective, cfg: SearchConfig, images: int) -> None:
+def _check_set_terms(objective: Any, cfg: SearchConfig, images: int) -> None:
     """What the set-level terms need, named before any model loads."""
     from .features import image_files
     from .models import EMBEDDED
@@ -123,38 +107,6 @@ def _check_set_terms(objective: Objective, cfg: SearchConfig, images: int) -> No
             raise MaskoptError("the frechet term needs at least 2 images per evaluation")
     if cfg.features != "digits":
         local_or_hub(cfg.features, "features model")
-
-
-def set_measure(objective: Objective, cfg: SearchConfig, size: tuple[int, int]) -> Callable[[int], Any]:
-    """`measure_for(n_prompts)`: a function from one candidate's images ((seed, prompt) order) to the set-level
-    terms the objective uses, or None when it uses none. The feature model loads once, here."""
-    if not objective.measures:
-        return lambda n_prompts: None
-    from .default.data import load_split
-    from .features import load_features, load_images
-    from .measures import diversity, frechet
-    from .models import EMBEDDED
-
-    features = load_features(cfg.features, cfg.device)
-    reference = None
-    if "frechet" in objective.measures:  # real held-out digits for the embedded default
-        reference = features(load_split("holdout")[0] if cfg.reference == EMBEDDED else load_images(cfg.reference, size))
-
-    def measure_for(n_prompts: int) -> Callable[[Any], dict[str, float]]:
-        def measure(images: Any) -> dict[str, float]:
-            if not torch.isfinite(images).all():  # NaN images: no measure (the candidate is failed)
-                return {t: math.nan for t in objective.measures}
-            f = features(images)
-            out = {}
-            if "diversity" in objective.measures:
-                out["diversity"] = float(diversity(f, n_prompts).mean())
-            if "frechet" in objective.measures:
-                out["frechet"] = frechet(f, reference)
-            return out
-
-        return measure
-
-    return measure_for
 
 
 def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> Path | None:
@@ -211,205 +163,147 @@ def bucket_steps(pipe: Any, buckets: Buckets, steps: int) -> list[int]:
     return counts
 
 
-def load_model(cfg: SearchConfig) -> tuple[Any, MaskSet]:
-    """The pipeline `cfg` names and its all-ones mask set over the searched units and buckets."""
-    from .models import load_pipeline
-    from .units import find_units
+@dataclass
+class Progress:
+    """What the progress callback sees after each evaluation."""
 
-    pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype, cfg.scheduler)
-    units = find_units(pipe.unet, cfg.targets, groups=cfg.groups)
-    buckets = Buckets.uniform(cfg.buckets, int(pipe.scheduler.config.num_train_timesteps))
-    return pipe, MaskSet.ones(pipe.unet, units, buckets, source=cfg.model)
+    entry: Entry
+    images_done: int  # images scored so far, this search's journal included
+    images_naive: int  # every candidate of the budget on every image
+    evaluators: int | None  # Ray evaluators alive (None: a local search)
 
 
-def run_search(cfg: SearchConfig, progress: Callable[[dict], None] | None = None) -> SearchResult:
+class Evaluations:
+    """The search's evaluations: a group of candidates scored by the evaluators, raced against the incumbent,
+    turned into journal entries (flushed before the next group) and into the losses the optimizer is told."""
+
+    def __init__(self, cfg: SearchConfig, inputs: "Inputs", journal: Journal, evaluators: Evaluators,
+                 progress: Callable[[Progress], None] | None) -> None:
+        self.cfg, self.journal, self.evaluators, self.progress = cfg, journal, evaluators, progress
+        self.entries = list(read(journal.path)[1])  # every evaluation of this search: the journal's, then this run's
+        self.journaled = len(self.entries)
+        self.n_prompts = len(inputs.prompts)
+        self.n_images = self.n_prompts * cfg.seeds
+        # one image order for every candidate (race.py)
+        self.plan = race.Race(tuple(cfg.race_looks)).plan(self.n_images, cfg.seed) if cfg.race else None
+        self.images_done = sum(self.n_images if e.images is None else e.images for e in self.entries)
+
+    def sparsity(self, values: np.ndarray) -> float:
+        return self.cfg.sparsity * float((values == 0).sum()) / values.shape[0]
+
+    def __call__(self, group: list[np.ndarray]) -> list[float]:
+        """The losses of a group's candidates, in order; each journaled before this returns."""
+        start, size = race.group_of(self.entries, len(group))
+        incumbent = race.incumbent_of(self.entries, start)
+        against = None
+        if self.plan is not None and incumbent is not None:  # against the best candidate scored in full, same images
+            rules = race.Race(tuple(self.cfg.race_looks), self.cfg.race_alpha, self.cfg.race_margin)
+            against = race.against(rules, incumbent, [self.sparsity(v) for v in group], self.entries[0])
+        results = self.evaluators.score(group, self.plan, against)
+        if not self.entries and results[0].failed:
+            raise MaskoptError(f"the reward {self.cfg.reward} returned NaN or inf for the unmasked baseline; "
+                               "every image needs a finite score to compare candidates against")
+        return [self.record(v, ev, incumbent, [start, size]).loss for v, ev in zip(group, results)]
+
+    def record(self, values: np.ndarray, ev: Evaluation, incumbent: Entry | None, group: list[int]) -> Entry:
+        reward = ev.reward + self.sparsity(values)
+        entry = Entry(i=len(self.entries), values=values.tolist(), reward=ev.reward, objective=reward, failed=ev.failed,
+                      rewards=ev.rewards if ev.failed else ev.per_prompt(self.n_prompts), seconds=round(ev.seconds, 3),
+                      cache_hits=ev.cache_hits, unet_calls=ev.unet_calls, images=ev.images_scored)
+        if self.plan is not None:  # per image: the incumbent's are what later candidates are paired with
+            entry.image_rewards, entry.group = ev.rewards, group
+        if ev.stopped is not None:
+            race.stopped(entry, ev.scored, incumbent, self.sparsity(values), ev.stopped, self.n_images)
+        elif self.cfg.objective.measures:  # set-level terms, each relative to the baseline's (the first entry)
+            score = self.cfg.objective.score(reward, ev.measures, self.entries[0].measures if self.entries else ev.measures)
+            entry.objective, entry.measures, entry.ratios = score.objective, ev.measures, score.ratios
+            entry.feasible, entry.violation = score.feasible, score.violation
+        self.journal.append(entry)  # flushed before the next evaluation starts
+        self.entries.append(entry)
+        self.images_done += ev.images_scored
+        if self.progress:
+            self.progress(Progress(entry, self.images_done, self.cfg.budget * self.n_images,
+                                   self.evaluators.alive if self.cfg.ray != OFF else None))
+        return entry
+
+
+def run_search(cfg: SearchConfig, progress: Callable[[Progress], None] | None = None) -> SearchResult:
     """Run the search `cfg` describes into `cfg.out`.
 
     Settings left None are filled (`config.complete`). A SearchConfig built in Python keeps the dataclass's
     own defaults; the embedded default's recipe (guidance 1.0, channel groups, ...) is a recipe layer, which
     `config.resolve` applies, as the command line does.
     """
-    from .rewards import load_reward
-
     # 1. Check inputs (cheap) before loading anything heavy.
     inputs = prepare(complete(cfg))
     cfg, out = inputs.cfg, inputs.out
+    evaluators = None
     try:
-        # 2. Model, units, buckets, reward.
-        pipe, template = load_model(cfg)
-        units, buckets = template.units, template.buckets
-        counts = bucket_steps(pipe, buckets, cfg.steps)
-        objective = Objective.parse(cfg.reward, cfg.requires)
-        reward = load_reward(objective.reward, cfg.device)
-        measure_for = set_measure(objective, cfg, cfg.size)
+        # 2. Model, units, buckets, reward; the starting points; the evaluators.
+        loaded = Loaded.load(cfg)
+        units, buckets = loaded.template.units, loaded.template.buckets
+        counts = bucket_steps(loaded.pipe, buckets, cfg.steps)
         backbone = [j for j, u in enumerate(units) if u.kind == "backbone"]
-        init = starts.points(cfg.init, template, pipe.unet)
+        init = starts.points(cfg.init, loaded.template, loaded.pipe.unet)
         for spec, values in zip(cfg.init, init):  # each must be a point of the searched space
             check_point(values, cfg.space, cfg.gate_range, backbone, f"--init {spec}")
         logger.info("%d units x %d buckets, reward %s", len(units), len(buckets), cfg.reward)
+        evaluators = search_evaluators(cfg, inputs.prompts, loaded)
     except BaseException:
         if inputs.fresh:
             _clean_fresh(inputs)
         raise
-
-    if cfg.ray == OFF:
-        evaluator = search_evaluator(cfg, inputs.prompts, pipe, template, reward, measure_for)
-    else:  # actors that load their own pipeline, reward and cache (cluster.py); the driver keeps the rest
-        from .cluster import RayEvaluators
-
-        try:
-            evaluator = RayEvaluators(cfg.ray, cfg.to_dict(), inputs.prompts, cfg.device, cfg.evaluators,
-                                      cfg.ray_gpus_per_evaluator)
-        except BaseException:
-            if inputs.fresh:
-                _clean_fresh(inputs)
-            raise
-        if cfg.workers < evaluator.alive:
-            logger.warning("--workers %d asks fewer candidates at once than the %d evaluators: %d of them wait; "
-                           "pass --workers %d", cfg.workers, evaluator.alive, evaluator.alive - cfg.workers, evaluator.alive)
 
     # 3. The ask/tell loop, journaled.
     header = {"config": cfg.settings(), "units": [u.to_dict() for u in units], "buckets": buckets.to_list(),
               "reward": cfg.reward, "optimizer": cfg.optimizer, "strategy": cfg.strategy,
               "prompts": inputs.prompts, "holdout": inputs.holdout}
     journal = Journal(out / "journal.jsonl", header)
-    _, journaled, _ = read(journal.path)
-    entries = list(journaled)  # every evaluation of this search: the journal's, then this run's
-    shape = (len(buckets), len(units))
-    # A change in bucket k re-runs the steps of k and of the buckets visited after it (lower timesteps).
+    evaluations = Evaluations(cfg, inputs, journal, evaluators, progress)
+    # a change in bucket k re-runs the steps of k and of the buckets visited after it (lower timesteps)
     recompute = [sum(counts[: k + 1]) / sum(counts) for k in range(len(buckets))]
-
-    n_images = len(inputs.prompts) * cfg.seeds
-    plan = Race(tuple(cfg.race_looks)).plan(n_images, cfg.seed) if cfg.race else None  # one image order for all
-    sparsity = lambda values: cfg.sparsity * float((values == 0).sum()) / len(buckets)
-    scored = {"images": sum(e.get("images", n_images) for e in entries)}  # images scored so far, for the bar
-
-    def record(values: np.ndarray, ev: Evaluation, incumbent: dict | None, group: list[int]) -> dict:
-        reward_part = ev.reward + sparsity(values)
-        partial = ev.stopped is not None
-        entry = {"i": len(entries), "values": values.tolist(), "reward": ev.reward, "objective": reward_part,
-                 "failed": ev.failed, "rewards": ev.rewards if ev.failed else ev.per_prompt(len(inputs.prompts)), "seconds": round(ev.seconds, 3), "cache_hits": ev.cache_hits,
-                 "unet_calls": ev.unet_calls, "images": ev.images_scored}
-        if plan is not None:  # per image: the incumbent's are what later candidates are paired with
-            entry.update(image_rewards=ev.rewards, group=group)  # group: [first entry, size] of the group it raced in
-        if partial:  # stopped by the race: told its paired estimate, never better than the incumbent (race.py)
-            base = np.asarray(incumbent["image_rewards"])
-            mask = np.asarray(ev.scored)
-            estimate = incumbent["reward"] + float(np.mean(np.asarray(ev.rewards)[mask] - base[mask])) + sparsity(values)
-            told = -told_loss(-estimate, entry_loss(incumbent)) if not ev.failed else reward_part
-            entry.update(objective=told, partial={"images": ev.images_scored, "of": n_images, "estimate": estimate,
-                                                  "incumbent": incumbent["i"], "reason": ev.stopped})
-        elif objective.measures:  # set-level terms, each relative to the baseline's (the first entry)
-            score = objective.score(reward_part, ev.measures, entries[0]["measures"] if entries else ev.measures)
-            entry.update(objective=score.objective, measures=ev.measures, ratios=score.ratios,
-                         feasible=score.feasible, violation=score.violation)
-        journal.append(entry)  # flushed before the next evaluation starts
-        entries.append(entry)
-        scored["images"] += ev.images_scored
-        if progress:
-            progress({**entry, "images_done": scored["images"], "images_naive": cfg.budget * n_images,
-                      **({"evaluators": evaluator.alive} if cfg.ray != OFF else {})})
-        return entry
-
-    def evaluate(group: list[np.ndarray]) -> list[float]:
-        start, size = len(entries), len(group)
-        last = entries[-1] if entries else {}
-        if "group" in last and sum(last["group"]) > len(entries):  # the rest of a group a kill cut: as it began
-            start, size = last["group"]
-        incumbent = min(filter(choosable, entries[:start]), key=entry_loss, default=None)
-        against = None
-        if plan is not None and incumbent is not None:  # against the best candidate scored in full, same images
-            margin = cfg.race_margin * float(np.std(entries[0]["image_rewards"], ddof=1))
-            against = Against(Race(tuple(cfg.race_looks), cfg.race_alpha, margin), tuple(incumbent["image_rewards"]),
-                              tuple(sparsity(v) - (incumbent["objective"] - incumbent["reward"]) for v in group))
-        results = evaluator.score(group, plan, against)
-        if not entries and results[0].failed:
-            raise MaskoptError(f"the reward {cfg.reward} returned NaN or inf for the unmasked baseline; "
-                               "every image needs a finite score to compare candidates against")
-        return [entry_loss(record(v, ev, incumbent, [start, size])) for v, ev in zip(group, results)]
-
+    shape = (len(buckets), len(units))
     driver = None
     try:
         driver = AskTell(lambda: make_optimizer(cfg, shape, recompute, backbone, len(init)), cfg.space, shape,
                          cfg.budget, cfg.workers, backbone, init)
-        if entries:
-            logger.info("resuming from %d evaluations in %s", len(entries), journal.path)
-        chosen = driver.chosen  # what NGOpt picked for this space, budget and workers
-        if chosen:
-            logger.info("%s runs %s", cfg.optimizer, chosen)
-        if chosen and cfg.workers > 1 and cfg.space == "gates" and cfg.optimizer == "NGOpt":
-            # measured on the embedded default (docs/benchmarks.md): NGOpt's sequential pick, COBYLA, gained
-            # +0.057; with 4 workers it picks MetaModel, which gained +0.008 in the same budget
-            logger.warning("--workers %d: NGOpt cannot run COBYLA in parallel and picks %s, which found far smaller "
-                           "gains on the embedded default than --workers 1; pass --optimizer to choose", cfg.workers, chosen)
+        _log_start(cfg, driver, evaluations)
         started = time.perf_counter()
-        driver.run(evaluate, journaled)
+        driver.run(evaluations, evaluations.entries[:evaluations.journaled])
         minutes = (time.perf_counter() - started) / 60
     except MaskoptError as e:
-        if entries:  # what was evaluated stays, for --resume once the cause is fixed
-            raise MaskoptError(f"{e}; {len(entries)} evaluations kept in {journal.path} (--resume continues)") from None
+        if evaluations.entries:  # what was evaluated stays, for --resume once the cause is fixed
+            raise MaskoptError(f"{e}; {len(evaluations.entries)} evaluations kept in {journal.path} "
+                               "(--resume continues)") from None
         raise
     finally:
         journal.close()
         if driver is not None:
             driver.close()
-        if cfg.ray != OFF:
-            evaluator.close()
-        if not entries and inputs.fresh:
+        evaluators.close()
+        if not evaluations.entries and inputs.fresh:
             _clean_fresh(inputs)
 
-    # 4. Best candidate vs baseline on held-out prompts and unseen seeds.
-    baseline = entries[0]
-    best = min(filter(choosable, entries), key=entry_loss, default=baseline)
-    holdout_eval = Evaluator(pipe, reward, template, inputs.holdout,
-                             range(UNSEEN_SEED0, UNSEEN_SEED0 + cfg.holdout_seeds), cfg.steps, cfg.guidance,
-                             cfg.size, None, cfg.batch_size, measure_for(len(inputs.holdout)))
-    base_ev = holdout_eval(np.asarray(baseline["values"]), keep_images=True)
-    best_ev = holdout_eval(np.asarray(best["values"]), keep_images=True)
-    if base_ev.failed or best_ev.failed:
-        raise MaskoptError("the reward returned NaN or inf on the held-out images; no mask file written "
-                           f"({len(entries)} evaluations kept in {journal.path}: --resume validates again)")
-    holdout = paired(base_ev.rewards, best_ev.rewards)
-
-    # 5. The mask file (the contract), with the sampler it was searched with, then the report.
-    prediction_type = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
-    sampler = Sampler.from_search_config({**cfg.to_dict(), "prediction_type": prediction_type})
-    masks = template.with_sampler(sampler).with_values(
-        np.asarray(best["values"]),
-        reward=cfg.reward, optimizer=cfg.optimizer, optimizer_runs=chosen or cfg.optimizer,
-        strategy=cfg.strategy, space=cfg.space, budget=cfg.budget,
-        evaluations=len(entries), best_evaluation=best["i"], search_reward=best["reward"],
-        baseline_search_reward=baseline["reward"], holdout=holdout.to_dict(),
-        holdout_prompts=cfg.holdout_prompts, config=cfg.to_dict(),
-        **({"holdout_measures": {t: {"baseline": base_ev.measures[t], "masked": best_ev.measures[t],
-                                     "ratio": objective.score(0, best_ev.measures, base_ev.measures).ratios[t]}
-                                 for t in objective.measures},
-            "infeasible": sum(not e.get("feasible", True) for e in entries)} if objective.measures else {}),
-    )
-    masks_path = masks.save(out / "masks.json")
-    from .report import write_report
-
-    ran = len(entries) - len(journaled)
+    # 4. Held-out check, mask file, report.
+    ran = len(evaluations.entries) - evaluations.journaled
     notes = [f"{ran} evaluations this run in {minutes:.1f} min ({ran / max(minutes, 1e-9):.1f} per minute)"
-             + (f", on {evaluator.alive} Ray evaluators ({evaluator.stats.started} started, "
-                f"{evaluator.stats.deaths} died, {evaluator.stats.requeued} candidates scored again)" if cfg.ray != OFF else "")]
-    write_report(out, cfg, masks, entries, holdout, inputs.holdout, base_ev.images, best_ev.images, notes)
-    return SearchResult(out, masks_path, best, baseline, holdout, len(entries))
+             + (f", on {evaluators.alive} Ray evaluators ({evaluators.stats.started} started, "
+                f"{evaluators.stats.deaths} died, {evaluators.stats.requeued} candidates scored again)"
+                if cfg.ray != OFF else "")]
+    return finish(cfg, loaded, evaluations.entries, inputs.holdout, out, driver.chosen or cfg.optimizer, notes)
 
 
-def search_evaluator(cfg: SearchConfig, prompts: list[str], pipe: Any = None, template: MaskSet | None = None,
-                     reward: Any = None, measure_for: Callable[[int], Any] | None = None) -> Evaluator:
-    """The Evaluator of a search's own images (its prompts x seeds, its cache); loads what is not given.
-    A Ray actor (cluster.py) calls it with nothing loaded."""
-    from .rewards import load_reward
-
-    objective = Objective.parse(cfg.reward, cfg.requires)
-    if pipe is None or template is None:
-        pipe, template = load_model(cfg)
-    reward = reward if reward is not None else load_reward(objective.reward, cfg.device)
-    measure_for = measure_for or set_measure(objective, cfg, cfg.size)
-    return Evaluator(pipe, reward, template, prompts, range(cfg.seeds), cfg.steps, cfg.guidance, cfg.size,
-                     TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, cfg.batch_size, measure_for(len(prompts)))
+def _log_start(cfg: SearchConfig, driver: AskTell, evaluations: Evaluations) -> None:
+    if evaluations.journaled:
+        logger.info("resuming from %d evaluations in %s", evaluations.journaled, evaluations.journal.path)
+    chosen = driver.chosen  # what NGOpt picked for this space, budget and workers
+    if chosen:
+        logger.info("%s runs %s", cfg.optimizer, chosen)
+    if chosen and cfg.workers > 1 and cfg.space == "gates" and cfg.optimizer == "NGOpt":
+        # NGOpt's sequential pick, COBYLA, found far larger gains on the embedded default than the MetaModel it
+        # picks with 4 workers (docs/benchmarks.md)
+        logger.warning("--workers %d: NGOpt cannot run COBYLA in parallel and picks %s, which found far smaller "
+                       "gains on the embedded default than --workers 1; pass --optimizer to choose", cfg.workers, chosen)
 
 
 def make_optimizer(cfg: SearchConfig, shape: tuple[int, int], recompute: list[float], backbone: Sequence[int] = (),

@@ -127,7 +127,7 @@ def test_short_search_on_the_default_records_what_it_found(readme_run, pipe):
     import json
 
     from maskopt import MaskSet
-    from maskopt.evaluate import Evaluator
+    from maskopt.scoring import Evaluator
     from maskopt.prompts import read_prompts
 
     out = readme_run[0] / "runs" / "first"

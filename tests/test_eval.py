@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from maskopt.cli import main
-from maskopt.evaluate import Evaluator
+from maskopt.scoring import Evaluator
 from maskopt.freeu import FreeU, enabled
 from maskopt.maskset import MaskSet
 from maskopt.models import load_pipeline

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from maskopt.asktell import FAILED_LOSS, entry_loss
+from maskopt.journal import FAILED_LOSS, Entry
 from maskopt.cli import main
 from maskopt.errors import MaskoptError
 from maskopt.objective import INFEASIBLE_LOSS, Objective, parse_bound
@@ -36,10 +36,11 @@ def test_objective_parse_and_score():
 
 
 def test_an_infeasible_candidate_is_told_worse_than_any_feasible_one():
-    feasible = {"failed": False, "objective": -50.0}
-    infeasible = {"failed": False, "objective": 10.0, "feasible": False, "violation": 0.2}
-    worse = {**infeasible, "violation": 0.3}
-    assert entry_loss(feasible) < entry_loss(infeasible) == INFEASIBLE_LOSS + 0.2 < entry_loss(worse) < FAILED_LOSS
+    entry = lambda **kw: Entry.from_json({"failed": False, **kw})
+    feasible = entry(objective=-50.0)
+    infeasible = entry(objective=10.0, feasible=False, violation=0.2)
+    worse = entry(objective=10.0, feasible=False, violation=0.3)
+    assert feasible.loss < infeasible.loss == INFEASIBLE_LOSS + 0.2 < worse.loss < FAILED_LOSS
 
 
 @pytest.fixture(scope="module")

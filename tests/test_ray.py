@@ -166,7 +166,7 @@ def test_two_node_cluster_one_evaluator_per_node(pipe_dir, prompts, tmp_path, lo
 
     from maskopt.cluster import RayEvaluators
     from maskopt.config import resolve
-    from maskopt.search import search_evaluator
+    from maskopt.evaluators import search_evaluator
 
     _alarm(300)
     ray.shutdown()  # the module's instance makes way for the cluster, and comes back after

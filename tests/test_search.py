@@ -17,10 +17,11 @@ from click.testing import CliRunner
 from maskopt import Buckets, MaskSet, find_units
 from maskopt.cli import main
 from maskopt.config import SearchConfig
-from maskopt.evaluate import Evaluator, TrajectoryCache
+from maskopt.scoring import Evaluator, TrajectoryCache
 from maskopt.models import load_pipeline
 from maskopt.rewards import load_reward
 from maskopt.asktell import AskTell, ask_group
+from maskopt.journal import Entry
 from maskopt.search import make_optimizer
 from maskopt.space import close, encode, space, tell
 from tiny import tiny_pipeline
@@ -114,11 +115,11 @@ def test_candidates_evaluated_together_match_one_at_a_time(pipe_dir, tmp_path, p
     b[0], c[2] = 0.3, 1.2  # b replays a's first 2 buckets; c replays nothing
     plain = make(None)
     alone = np.asarray([plain(v).rewards for v in (a, b, c)])
-    together = np.asarray([e.rewards for e in plain.many([a, b, c])])
+    together = np.asarray([e.rewards for e in plain.score([a, b, c])])
     assert np.abs(together - alone).max() < 1e-6 < np.abs(alone[0] - alone[1]).max()  # rounding, not masks
     cached = make(TrajectoryCache(64))
-    cached.many([a])
-    group = cached.many([b, c])  # b's first 4 steps come from the cache while c runs them
+    cached.score([a])
+    group = cached.score([b, c])  # b's first 4 steps come from the cache while c runs them
     assert [e.cache_hits for e in group] == [4, 0] and [e.unet_calls for e in group] == [2, 6]
     assert np.abs(np.asarray([e.rewards for e in group]) - alone[1:]).max() < 1e-6
 
@@ -127,7 +128,7 @@ def test_candidates_evaluated_together_match_one_at_a_time(pipe_dir, tmp_path, p
 def test_evaluations_on_cuda_run_fp32_without_tf32(device, inside):
     """TF32 made a candidate's rewards depend on its batch by 1e-2 on an H200; the evaluator turns it off for
     its own run on CUDA and gives the caller's settings back, also when the block raises."""
-    from maskopt.evaluate import full_fp32
+    from maskopt.scoring import full_fp32
 
     flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     saved = flags()
@@ -145,7 +146,7 @@ def test_evaluations_on_cuda_run_fp32_without_tf32(device, inside):
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no fp32_precision API")
 def test_full_fp32_when_precision_was_set_through_torchs_newer_api():
     """After `fp32_precision = "tf32"` (a reward module, another library), torch refuses reads of the old flags."""
-    from maskopt.evaluate import full_fp32
+    from maskopt.scoring import full_fp32
 
     b = torch.backends
     saved = (b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision)
@@ -523,16 +524,17 @@ def test_resume_inside_a_short_group_goes_on_as_if_never_stopped():
 
         def evaluate(group):
             sizes.append(len(group))
-            entries.extend({"values": v.tolist(), "failed": False, "objective": -objective(v)} for v in group)
+            entries.extend(entry(v.tolist()) for v in group)
             return [objective(v) for v in group]
 
         driver.run(evaluate, journal)
         driver.close()
-        return [e["values"] for e in entries]
+        return [e.values for e in entries]
 
+    entry = lambda v: Entry.from_json({"values": v, "failed": False, "objective": -objective(np.asarray(v))})
     whole = run([])
     assert 1 < sizes[1] < 8  # the first group is short
-    assert run([{"values": v, "failed": False, "objective": -objective(np.asarray(v))} for v in whole[:2]]) == whole
+    assert run([entry(v) for v in whole[:2]]) == whole
 
 
 def test_a_group_does_not_wait_forever_for_new_candidates():

@@ -5,6 +5,7 @@ import pytest
 
 from maskopt.config import SearchConfig
 from maskopt.asktell import AskTell
+from maskopt.journal import Entry
 from maskopt.search import make_optimizer
 from maskopt.space import close, encode, tell
 from maskopt.sweep import BucketSweep, plan
@@ -103,7 +104,7 @@ def test_stage_gains_files_each_evaluation_under_its_first_changed_bucket():
     b3[3] = b3b0[3] = b3b0b2[3] = 0.8
     b3b0[0] = b3b0b2[0] = 1.2
     b3b0b2[2] = 0.9
-    entry = lambda v, r, calls: {"values": v.tolist(), "reward": r, "failed": False, "unet_calls": calls}
+    entry = lambda v, r, calls: Entry.from_json({"values": v.tolist(), "reward": r, "failed": False, "unet_calls": calls})
     g = mod.groups([entry(ones, 0.5, 15), entry(b3, 0.6, 15), entry(b3b0, 0.55, 4), entry(b3b0b2, 0.7, 8)])
     # b3b0 is compared with the best so far (b3): only bucket 0 differs, and it did not improve
     assert g == {"bucket 3": {"evaluations": 1, "unet_calls": 15, "gain": pytest.approx(0.1), "to_90": 1},
