@@ -12,13 +12,21 @@
 
 __version__ = "0.1.0"
 
-from .buckets import Buckets  # noqa: E402
-from .errors import MaskoptError  # noqa: E402
-from .masking import apply, bake  # noqa: E402
-from .maskset import MaskSet, fingerprint  # noqa: E402
-from .units import PRESETS, Unit, find_units, masked_params  # noqa: E402
+# Names resolve on first use (PEP 562), so `import maskopt` (and the `maskopt` command's --help) does not import
+# torch; `from maskopt import MaskSet` imports what it names.
+_EXPORTS = {
+    "Buckets": "buckets", "MaskoptError": "errors", "apply": "masking", "bake": "masking", "MaskSet": "maskset",
+    "fingerprint": "maskset", "PRESETS": "units", "Unit": "units", "find_units": "units", "masked_params": "units",
+}
 
-__all__ = [
-    "Buckets", "MaskSet", "MaskoptError", "PRESETS", "Unit",
-    "apply", "bake", "find_units", "fingerprint", "masked_params", "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'maskopt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # once
+    return value

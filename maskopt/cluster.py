@@ -288,3 +288,17 @@ def _cause(e: Exception) -> Exception:
     if said:
         return MaskoptError(said[-1].strip())
     return MaskoptError(f"a Ray evaluator failed: {type(e).__name__}: {first_line(e)}")
+
+
+def search_evaluators(cfg: Any, prompts: list[str], loaded: Any) -> Any:
+    """A search's evaluators (evaluators.Evaluators): in this process, or Ray actors that load their own
+    pipeline, reward and cache. `cfg` is the search's SearchConfig, `loaded` what it loaded (evaluators.Loaded)."""
+    from .evaluators import search_evaluator
+
+    if cfg.ray == OFF:
+        return search_evaluator(cfg, prompts, loaded)
+    evaluators = RayEvaluators(cfg.ray, cfg.to_dict(), prompts, cfg.device, cfg.evaluators, cfg.ray_gpus_per_evaluator)
+    if cfg.workers < evaluators.alive:
+        logger.warning("--workers %d asks fewer candidates at once than the %d evaluators: %d of them wait; "
+                       "pass --workers %d", cfg.workers, evaluators.alive, evaluators.alive - cfg.workers, evaluators.alive)
+    return evaluators

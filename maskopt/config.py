@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import MaskoptError
-from .models import EMBEDDED
+from .sources import EMBEDDED
 
 logger = logging.getLogger(__name__)
 

@@ -3,11 +3,12 @@
 The protocol (`Evaluators`): `score(group, plan, against) -> evaluations`, one `scoring.Evaluation` per
 candidate of the group, in the group's order; `alive`, how many evaluators serve; `close()`. `plan` is the
 racing plan (the image indices of each chunk, race.py) or None for every image at once; `against` what the
-group races against (race.Against) or None. The local implementation is `scoring.Evaluator` itself; the Ray
-one is `cluster.RayEvaluators`, whose actors build their own local one here, with `search_evaluator`.
+group races against (race.Against) or None. The local implementation is `scoring.Evaluator` itself, built by
+`search_evaluator`; the Ray one is `cluster.RayEvaluators`, whose actors each build a local one here.
+`cluster.search_evaluators` picks one of the two for a search.
 
-This module sits below the search command: the search driver, `maskopt eval` and the Ray actors import from
-it, and it imports neither of them.
+This module sits below the search command and the cluster: the search driver, `maskopt eval` and the Ray
+actors import from it, and it imports none of them.
 """
 
 from __future__ import annotations
@@ -106,16 +107,3 @@ def search_evaluator(cfg: SearchConfig, prompts: list[str], loaded: Loaded | Non
     return Evaluator(loaded.pipe, loaded.reward, loaded.template, prompts, range(cfg.seeds), cfg.steps, cfg.guidance,
                      cfg.size, cache=TrajectoryCache(cfg.cache) if cfg.cache > 0 else None, batch_size=cfg.batch_size,
                      measure=loaded.measure_for(len(prompts)))
-
-
-def search_evaluators(cfg: SearchConfig, prompts: list[str], loaded: Loaded) -> Evaluators:
-    """The search's evaluators: in this process, or Ray actors that load their own pipeline, reward and cache."""
-    from .cluster import OFF, RayEvaluators
-
-    if cfg.ray == OFF:
-        return search_evaluator(cfg, prompts, loaded)
-    evaluators = RayEvaluators(cfg.ray, cfg.to_dict(), prompts, cfg.device, cfg.evaluators, cfg.ray_gpus_per_evaluator)
-    if cfg.workers < evaluators.alive:
-        logger.warning("--workers %d asks fewer candidates at once than the %d evaluators: %d of them wait; "
-                       "pass --workers %d", cfg.workers, evaluators.alive, evaluators.alive - cfg.workers, evaluators.alive)
-    return evaluators

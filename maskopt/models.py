@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .errors import MaskoptError, first_line
-from .sources import local_or_hub
+from .sources import EMBEDDED, local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-EMBEDDED = "maskopt:default"  # the digits pipeline inside the package (maskopt/default/)
 
 
 def embedded_dir() -> Path:

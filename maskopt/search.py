@@ -30,10 +30,10 @@ import numpy as np
 from . import race, starts
 from .asktell import AskTell
 from .buckets import Buckets
-from .cluster import OFF
+from .cluster import OFF, search_evaluators
 from .config import SearchConfig, complete
 from .errors import MaskoptError
-from .evaluators import Evaluators, Loaded, search_evaluators
+from .evaluators import Evaluators, Loaded
 from .journal import Entry, Journal, read
 from .outcome import SearchResult, finish
 from .prompts import read_prompts

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from .errors import MaskoptError
 
+EMBEDDED = "maskopt:default"  # the digits pipeline inside the package (maskopt/default/); models.py knows where it lives
+
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # the hub's repository names: letters, digits, '-', '_', '.'
 _HUB_FILE = re.compile(r"[\w.-]+/[\w.-]+(/[^/\s]+)+")  # a file in one may hold more ('sac+logos+ava1-l14.pth')
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
