@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .errors import MaskoptError
+from .errors import MaskoptError, first_line
 from .sources import EMBEDDED
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise MaskoptError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise MaskoptError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise MaskoptError(f"recipe {path} is not valid YAML ({first_line(e)})") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise MaskoptError(f"recipe {path} must be a mapping of setting: value (settings by name)")
     data = {k.replace("-", "_"): v for k, v in data.items()}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .buckets import scalar_timestep
-from .errors import MaskoptError
+from .errors import MaskoptError, first_line
 from .masking import apply, per_sample
 from .maskset import MaskSet
 
@@ -390,8 +390,7 @@ class Evaluator:
         except Exception as e:
             logger.debug("the reward raised", exc_info=True)
             name = getattr(self.reward, "name", type(self.reward).__name__)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MaskoptError(f"the reward {name} raised {type(e).__name__}: {first} (-vv shows the traceback)") from e
+            raise MaskoptError(f"the reward {name} raised {type(e).__name__}: {first_line(e, empty='')} (-vv shows the traceback)") from e
 
     @torch.no_grad()
     def _sample(self, idx: np.ndarray, copies: int = 1) -> torch.Tensor:

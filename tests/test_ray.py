@@ -78,7 +78,7 @@ else:
 
 
 def _alarm(seconds: int):
-    """Ray can hang instead of failing (../shared/FINDINGS.md): a test that takes too long fails."""
+    """Ray can hang for minutes instead of failing (a driver connecting to a local cluster on a non-loopback address): a test that takes too long fails."""
     def fail(*_):
         raise TimeoutError(f"Ray did not answer within {seconds} s")
 
