@@ -7,8 +7,9 @@ parameters, and the factors of all units touching one parameter multiply into on
 bit for bit the weights `apply` uses in that bucket.
 
 Backbone units (FreeU's b, units.py) scale no parameter but some input channels of some modules:
-`bucket_inputs` gives one channel-scale vector per module, which `apply` multiplies in through a forward
-pre-hook, and which a baked variant carries as a buffer with the same hook (`scale_input`).
+`bucket_inputs` gives one channel-scale vector per module, which `apply` multiplies in through a pre hook,
+and which a baked variant carries as a buffer with the same hook (`scale_input`). Every hook goes through
+hooks.py, by name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hooks
 from .buckets import scalar_timestep
 from .errors import MaskoptError
 from .maskset import MaskSet
@@ -83,8 +85,8 @@ def scaled(original: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return original * scale.to(original.device).view(-1, *([1] * (original.dim() - 1)))
 
 
-class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
-    """Run `unet` with `masks`: each call uses the values of the bucket holding its timestep.
+class Applied:
+    """`apply(unet, masks)`: run `unet` with `masks`; each call uses the values of the bucket holding its timestep.
 
     Weights are rewritten only when the bucket changes (K writes per sampled image, none per step
     otherwise), no layer is computed twice, and on exit, also after an exception, every parameter is
@@ -113,17 +115,15 @@ class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
         self._inputs = [{n: v.view(1, -1, 1, 1) for n, v in bucket_inputs(unet, masks, k).items()}
                         for k in range(len(masks.buckets))]
         self._original: dict[str, torch.Tensor] = {}
-        self._hooks: list[Any] = []
+        self._hooks = hooks.Hooks()
 
-    def __enter__(self) -> "apply":
-        if getattr(self.unet, "_maskopt_applied", False):
+    def __enter__(self) -> "Applied":
+        if hooks.has(self.unet, "maskopt.bucket"):
             raise MaskoptError("masks are already applied to this U-Net; leave that `apply` block first")
         self._original = {n: p.detach().clone() for n, p in self._params.items()}
-        self._hooks = [self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        self._hooks.add(self.unet, "maskopt.bucket", pre=self._pre_forward)
         for name in sorted({n for s in self._inputs for n in s}):  # backbone units: scaled inputs
-            module = self.unet.get_submodule(name)
-            self._hooks.append(module.register_forward_pre_hook(self._input_hook(name), with_kwargs=True))
-        self.unet._maskopt_applied = True
+            self._hooks.add(self.unet.get_submodule(name), "maskopt.inputs", pre=self._input_hook(name))
         return self
 
     def _input_hook(self, name: str) -> Any:
@@ -134,10 +134,7 @@ class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
         return hook
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self.unet._maskopt_applied = False
+        self._hooks.remove()
         with torch.no_grad():
             for n, p in self._params.items():
                 p.copy_(self._original[n])
@@ -160,8 +157,8 @@ class apply:  # noqa: N801 - used as a function: `with apply(unet, masks): ...`
         logger.debug("loaded bucket %d weights (%d parameters scaled)", bucket, len(scales))
 
 
-class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1, m2]) as gate: ...`
-    """Run `unet` on a batch whose samples each use one of several mask sets (one batch, several candidates).
+class PerSample:
+    """`per_sample(unet, masksets)`: run `unet` on a batch whose samples each use one of several mask sets (one batch, several candidates).
 
     `apply` rewrites weights, so one batch can only see one mask set. Here the weights stay as they
     are and forward hooks rescale the output of every touched layer per sample instead: a layer whose
@@ -172,7 +169,7 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
 
     def __init__(self, unet: nn.Module, masksets: list[MaskSet]) -> None:
         self.bucket, self.owner = 0, torch.zeros(0, dtype=torch.long)
-        self._hooks: list[Any] = []
+        self._hooks = hooks.Hooks()
         self._unet = unet
         n, k = len(masksets), len(masksets[0].buckets)
         per_param = [[bucket_scales(unet, m, b) for b in range(k)] for m in masksets]
@@ -210,12 +207,11 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
             device = layer.weight.device
             self._layers[name] = (layer, sw.to(device), None if sb is None else sb.to(device), active)
 
-    def __enter__(self) -> "per_sample":
+    def __enter__(self) -> "PerSample":
         for name, (layer, *_) in self._layers.items():
-            self._hooks.append(layer.register_forward_hook(self._hook(name)))
+            self._hooks.add(layer, "maskopt.per_sample", post=self._hook(name))
         for name in self._inputs:
-            module = self._unet.get_submodule(name)
-            self._hooks.append(module.register_forward_pre_hook(self._input_hook(name), with_kwargs=True))
+            self._hooks.add(self._unet.get_submodule(name), "maskopt.per_sample", pre=self._input_hook(name))
         return self
 
     def _input_hook(self, name: str) -> Any:
@@ -230,9 +226,7 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
         return hook
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._hooks.remove()
 
     def select(self, bucket: int, owner: torch.Tensor) -> None:
         self.bucket, self.owner = bucket, owner
@@ -256,6 +250,16 @@ class per_sample:  # noqa: N801 - used as a function: `with per_sample(unet, [m1
         return hook
 
 
+def apply(unet: nn.Module, masks: MaskSet, check: bool = True) -> Applied:
+    """Masks on a live U-Net for a `with` block (see `Applied`)."""
+    return Applied(unet, masks, check)
+
+
+def per_sample(unet: nn.Module, masksets: list[MaskSet]) -> PerSample:
+    """Several candidates' masks on one batch for a `with` block (see `PerSample`)."""
+    return PerSample(unet, masksets)
+
+
 def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check: bool = True) -> nn.Module:
     """A standalone copy of `unet` with bucket `bucket`'s values folded into its weights.
 
@@ -267,7 +271,7 @@ def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check
         masks.check(unet)
     if not 0 <= bucket < len(masks.buckets):
         raise IndexError(f"bucket {bucket} out of range: the mask set has {len(masks.buckets)} buckets")
-    if getattr(unet, "_maskopt_applied", False):
+    if hooks.has(unet, "maskopt.bucket"):
         # inside `apply` the weights are some bucket's, not the originals: baking them would scale twice
         raise MaskoptError("cannot bake a U-Net while masks are applied to it; bake outside the `apply` block")
     variant = copy.deepcopy(unet)
@@ -289,5 +293,5 @@ def bake(unet: nn.Module, masks: MaskSet, bucket: int, drop: bool = False, check
         module = variant.get_submodule(name)
         # (1, C, 1, 1): a plain constant into the Mul of the exported graph. Not persistent: the state dict stays the U-Net's
         module.register_buffer("maskopt_input_scale", s.view(1, -1, 1, 1), persistent=False)
-        module.register_forward_pre_hook(scale_input, with_kwargs=True)
+        hooks.register(module, "maskopt.input_scale", pre=scale_input)
     return variant.eval()

@@ -31,7 +31,8 @@ import torch
 
 from .buckets import scalar_timestep
 from .errors import MaskoptError, first_line
-from .masking import apply, per_sample
+from . import hooks
+from .masking import PerSample, apply, per_sample
 from .maskset import MaskSet
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class TrajectoryCache:
 
 
 class Stepper:
-    """Stands in for `unet.forward` during one sampling run of `len(masksets)` candidates x `images` images each.
+    """Stands in for the U-Net's forward during one sampling run of `len(masksets)` candidates x `images` images each.
 
     The batch holds candidate 0's images, then candidate 1's, ... (twice over with classifier-free
     guidance). Per step, a candidate whose output for this step and visited values is cached is
@@ -119,7 +120,7 @@ class Stepper:
     """
 
     def __init__(self, forward: Callable, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
-                 tag: Any = 0, gate: per_sample | None = None, share: float = 1.0) -> None:
+                 tag: Any = 0, gate: PerSample | None = None, share: float = 1.0) -> None:
         self.forward, self.images, self.cache, self.tag, self.gate = forward, images, cache, tag, gate
         self.share = share  # this run's images, as a share of an evaluation's (the cache's unit)
         self.buckets = masksets[0].buckets
@@ -181,14 +182,12 @@ class Stepper:
 
 @contextmanager
 def stepping(unet: torch.nn.Module, masksets: list[MaskSet], images: int, cache: TrajectoryCache | None = None,
-             tag: Any = 0, gate: per_sample | None = None, share: float = 1.0) -> Iterator[Stepper]:
-    """`unet.forward` replaced by a `Stepper` for one sampling run; yields it (its per-candidate counts)."""
+             tag: Any = 0, gate: PerSample | None = None, share: float = 1.0) -> Iterator[Stepper]:
+    """The U-Net's forward replaced by a `Stepper` for one sampling run (hook `maskopt.stepper`); yields it (its
+    per-candidate counts)."""
     stepper = Stepper(unet.forward, masksets, images, cache, tag, gate, share)
-    unet.forward = stepper
-    try:
+    with hooks.hooked(unet, "maskopt.stepper", around=stepper):
         yield stepper
-    finally:
-        del unet.forward  # back to the class's forward
 
 
 def _take(x: Any, idx: torch.Tensor, big: int) -> Any:
