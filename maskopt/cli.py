@@ -198,16 +198,6 @@ def _bar(desc: str, unit: str) -> Iterator[Callable[[int, int], None]]:
             bar.close()
 
 
-def _hxw(text: str | None) -> tuple[int, int] | None:
-    """`--size 512x768` -> (512, 768) as (height, width); `512` -> (512, 512)."""
-    if text is None:
-        return None
-    parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise MaskoptError(f"--size {text!r}: expected HxW in pixels, e.g. 512x512")
-    return (int(parts[0]), int(parts[-1]))
-
-
 @main.command()
 @click.option("--masks", "masks_path", required=True, type=click.Path(), help="Mask file (made by maskopt search).")
 @click.option("--model", default=None, help=MODEL_HELP.replace("default:", "default: the mask file's source, else"))
@@ -284,11 +274,12 @@ def generate(prompt: str, masks_path: str | None, export_dir: str | None, backen
 
     from .generate import GenerateConfig
     from .generate import generate as run_generate
+    from .sampler import parse_size
 
     cfg = GenerateConfig(
         prompt=prompt, out=Path(out), masks=Path(masks_path) if masks_path else None,
         export_dir=Path(export_dir) if export_dir else None, backend=backend, model=model, seed=seed, steps=steps,
-        guidance=guidance, scheduler=scheduler, size=_hxw(size), device=device, url=url,
+        guidance=guidance, scheduler=scheduler, size=parse_size(size), device=device, url=url,
     )
     done = run_generate(cfg)
     click.echo(f"wrote {done.path} (seed {seed}; {done.describe()})")

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import MaskoptError, first_line
+from .sampler import check_size, parse_size
 from .sources import EMBEDDED
 
 logger = logging.getLogger(__name__)
@@ -138,25 +139,6 @@ class SearchConfig:
             raise MaskoptError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if self.size is not None:
             check_size(self.size)
-
-
-def parse_size(text: str | list | tuple | None) -> tuple[int, int] | None:
-    """'512x768' (or [512, 768] from a recipe) -> (512, 768) as (height, width)."""
-    if text is None:
-        return None
-    try:
-        h, w = (int(x) for x in (str(text).lower().split("x") if isinstance(text, str) else text))
-    except (ValueError, TypeError):
-        raise MaskoptError(f"size {text!r} is not HxW, e.g. 512x512") from None
-    return check_size((h, w))
-
-
-def check_size(size: tuple[int, int]) -> tuple[int, int]:
-    # diffusers' Stable Diffusion pipelines (SD1.5, SD2.1, SDXL) refuse sizes that are not multiples of 8
-    h, w = size
-    if h < 8 or w < 8 or h % 8 or w % 8:
-        raise MaskoptError(f"size {h}x{w}: height and width must be positive multiples of 8, e.g. 512x512")
-    return size
 
 
 def parse_range(text: str | tuple | list) -> tuple[float, float]:

@@ -28,10 +28,9 @@ from typing import Any, Callable
 
 import torch
 
-from .config import check_size
 from .errors import MaskoptError
 from .paths import check_writable, make_folder
-from .sampler import COMPARED, Sampler, classifier_free
+from .sampler import COMPARED, Sampler, check_size, classifier_free
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 

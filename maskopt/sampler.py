@@ -126,6 +126,32 @@ class Sampler:
         return ", ".join(p for p in parts if p) or "not recorded"
 
 
+def parse_size(text: str | list | tuple | None) -> tuple[int, int] | None:
+    """An image size as (height, width) in pixels, from every place one is given: '512x768' or '512' (square) from
+    a flag, [512, 768] from a recipe; checked (`check_size`).
+
+        >>> parse_size("512x768"), parse_size("512"), parse_size([64, 32])
+        ((512, 768), (512, 512), (64, 32))
+    """
+    if text is None:
+        return None
+    try:
+        parts = [int(x) for x in (str(text).lower().split("x") if isinstance(text, str) else text)]
+        if len(parts) not in (1, 2):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise MaskoptError(f"size {text!r} is not HxW, e.g. 512x512") from None
+    return check_size((parts[0], parts[-1]))
+
+
+def check_size(size: tuple[int, int]) -> tuple[int, int]:
+    # diffusers' Stable Diffusion pipelines (SD1.5, SD2.1, SDXL) refuse sizes that are not multiples of 8
+    h, w = size
+    if h < 8 or w < 8 or h % 8 or w % 8:
+        raise MaskoptError(f"size {h}x{w}: height and width must be positive multiples of 8, e.g. 512x512")
+    return size
+
+
 def classifier_free(guidance: float, unet_config: Any = None) -> bool:
     """diffusers' rule for its SD pipelines: guidance above 1 runs the conditional and the unconditional half
     in one U-Net call (the batch doubled), unless the U-Net takes the guidance as an embedding (LCM-style,
