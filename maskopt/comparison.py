@@ -51,7 +51,7 @@ from .maskset import MaskSet
 from .measures import diversity, frechet
 from .models import EMBEDDED, check_device, load_pipeline, model_for
 from .objective import Objective
-from .paths import check_writable, make_folder
+from .paths import check_out, make_folder
 from .prompts import read_prompts
 from .report import save_grid
 from .sources import local_or_hub
@@ -123,7 +123,7 @@ def run_eval(config: EvalConfig, progress: Callable[[int, int], None] | None = N
         image_files(config.reference)  # a missing folder, one without images, an unreadable image: fail now
     elif not embedded:
         logger.warning("no --reference: the Frechet distance is not computed (diversity still is)")
-    _check_out(Path(config.out), config.force)
+    check_out(Path(config.out), "add --force to replace what eval writes there", config.force)
     check_device(config.device)
 
     # 2. Pipeline, judges, features
@@ -288,14 +288,6 @@ def _reference(folder: Path | None, size: tuple[int, int], embedded: bool) -> to
 
         return load_split("holdout")[0]  # real digits neither the diffusion model nor the judges trained on
     return None
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MaskoptError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise MaskoptError(f"--out {out} exists and is not empty (add --force to replace what eval writes there)")
-    check_writable(out, "--out")
 
 
 def _names(paths: tuple[Path, ...]) -> list[str]:

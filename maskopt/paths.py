@@ -18,6 +18,20 @@ def check_writable(path: Path, what: str) -> None:
         raise MaskoptError(f"{what} {path}: cannot write in {ancestor}")
 
 
+def check_out(out: Path, reuse: str, allowed: bool) -> bool:
+    """The one output-folder rule of the commands that write a folder (search, export, eval): `--out` is not a
+    file; one that holds something is refused unless `allowed` (`reuse` says how to allow it, e.g. 'add --force
+    to replace it'); its nearest existing folder can be written. Returns whether it holds something."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MaskoptError(f"--out {out} is a file, not a folder")
+    busy = out.is_dir() and any(out.iterdir())
+    if busy and not allowed:
+        raise MaskoptError(f"--out {out} exists and is not empty ({reuse})")
+    check_writable(out, "--out")
+    return busy
+
+
 def make_folder(path: Path, what: str) -> Path | None:
     """mkdir -p, with a failure (a read-only or virtual file system) as one line.
 

@@ -36,6 +36,7 @@ from .errors import MaskoptError
 from .evaluators import Evaluators, Loaded
 from .journal import Entry, Journal, read
 from .outcome import SearchResult, finish
+from .paths import check_out
 from .prompts import read_prompts
 from .scoring import Evaluation
 from .space import check_point, optimizer, space
@@ -112,12 +113,8 @@ def _check_set_terms(objective: Any, cfg: SearchConfig, images: int) -> None:
 def _check_out(out: Path, cfg: SearchConfig, prompts: dict[str, list[str]]) -> Path | None:
     """Refuse an output folder this search may not write; make it. Returns the topmost folder made here, if any."""
     journal = out / "journal.jsonl"
-    if out.exists() and not out.is_dir():
-        raise MaskoptError(f"output folder {out} is a file")
-    busy = out.is_dir() and any(out.iterdir())
-    if busy and not cfg.resume:
-        raise MaskoptError(f"output folder {out} exists and is not empty; pass --resume to continue a search there, or choose another --out")
-    if cfg.resume and busy:
+    busy = check_out(out, "pass --resume to continue a search there, or choose another --out", cfg.resume)
+    if busy:
         header, _, _ = read(journal)
         if header is None:
             raise MaskoptError(f"--resume: {out} holds no search journal ({journal.name} missing or empty)")

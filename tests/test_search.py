@@ -299,7 +299,7 @@ def test_existing_output_folder(tmp_path, pipe_dir, prompts):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     r = _bad(tmp_path, pipe_dir, prompts, out=out)
-    assert r.exit_code != 0 and "exists and is not empty; pass --resume" in r.output
+    assert r.exit_code != 0 and "exists and is not empty (pass --resume" in r.output
     r = _bad(tmp_path, pipe_dir, prompts, "--resume", out=out)
     assert r.exit_code != 0 and "holds no search journal" in r.output
     assert (out / "keep.txt").read_text() == "mine"
@@ -362,7 +362,7 @@ def test_reward_failing_mid_search_keeps_the_journal(tmp_path, pipe_dir, prompts
 def test_unwritable_output(tmp_path, pipe_dir, prompts):
     (tmp_path / "file").write_text("x")
     r = _bad(tmp_path, pipe_dir, prompts, out=tmp_path / "file" / "sub")
-    assert r.exit_code != 0 and "not writable" in r.output
+    assert r.exit_code != 0 and f"--out {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file, not a folder" in r.output
 
 
 def test_recast_optimizer_threads_are_stopped():

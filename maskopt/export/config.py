@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MaskoptError
-from ..paths import check_writable
+from ..paths import check_out
 from ..sampler import Sampler, classifier_free
 from .shapes import Range, ShapeProfile, downsampling, profile_for
 
@@ -73,12 +73,7 @@ def check_options(config: ExportConfig) -> None:
     check_opset(config.opset)
     if config.timing_cache is not None and not Path(config.timing_cache).parent.is_dir():
         raise MaskoptError(f"--timing-cache {config.timing_cache}: its folder does not exist")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise MaskoptError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not config.force:
-        raise MaskoptError(f"--out {out} exists and is not empty (add --force to replace it)")
-    check_writable(out, "--out")  # the export is staged beside it
+    check_out(Path(config.out), "add --force to replace it", config.force)  # the export is staged beside it
     if Path(config.masks).is_dir():
         raise MaskoptError(f"mask file {config.masks} is a folder; give its masks.json")
     if not Path(config.masks).is_file():
